@@ -1,0 +1,1 @@
+"""Training-time data: WebDataset token shards, the resumable mixture stream, loaders."""

@@ -1,0 +1,1 @@
+"""Processes and nodes: Fabric strategies (incl. the chunked all-reduce), SLURM, signals."""

@@ -1,0 +1,1 @@
+"""Export to and import from the huginn-0125 Hugging Face format."""

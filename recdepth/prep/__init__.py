@@ -1,0 +1,1 @@
+"""Data preparation stages: ingest, tokenizer, tokenize, shuffle, shard."""

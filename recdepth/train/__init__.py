@@ -1,0 +1,1 @@
+"""The training job: wiring, loop, optimizer, schedules, checkpoints, evaluation, metrics."""
