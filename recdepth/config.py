@@ -190,6 +190,8 @@ class OptimConfig:
     nesterov: bool = False
     tensor_wise_finite_check: bool = False
     tensor_wise_gradient_normalization: bool = False
+    kahan_sum: bool = False  # compensated summation of updates (for bf16 parameters)
+    buffer_dtype: Optional[str] = None  # m, v (and Kahan) dtype: float32 | bfloat16 | float64; null = param dtype
     shard: str = "none"  # none | node | world (optimizer-state sharding)
 
     def __post_init__(self) -> None:
@@ -212,6 +214,12 @@ class OptimConfig:
             "two floats in [0, 1)",
         )
         require(self.eps > 0, "optim.eps", self.eps, "a positive float")
+        require(
+            self.buffer_dtype in (None, "float32", "bfloat16", "float64"),
+            "optim.buffer_dtype",
+            self.buffer_dtype,
+            "null or one of float32, bfloat16, float64",
+        )
         require(self.shard in ("none", "node", "world"), "optim.shard", self.shard, "one of none, node, world")
 
 
@@ -347,6 +355,9 @@ class RunConfig:
 def register_configs() -> None:
     """Register the root schema; `conf/train.yaml` lists `run_schema` first, so every group is type-checked."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("rd_or"):
+        # `${rd_or:${out_dir},default}`: the first value unless it is null (oc.select keeps nulls)
+        OmegaConf.register_new_resolver("rd_or", lambda value, default: default if value is None else value)
 
 
 def to_dataclass(section: Any, schema: type):

@@ -25,3 +25,7 @@ def require(cond: bool, field: str, value, valid: str, exc: type[RecdepthError] 
     """Raise `exc` naming `field`, the bad `value` and what would be `valid` unless `cond` holds."""
     if not cond:
         raise exc(f"{field}={value!r} is invalid: expected {valid}")
+
+
+class TrainingError(RecdepthError):
+    """Training stopped because it cannot continue usefully (non-finite steps, loss guardrail)."""

@@ -1,0 +1,146 @@
+"""Wiring of the main job: validate the config, build Fabric, model, data and optimizer, then train.
+
+Everything that can be wrong with the input is checked here, before a process group starts or a file is
+written, and reported as one line naming the field.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from recdepth.config import RunConfig
+from recdepth.errors import CheckpointError, ConfigError, RecdepthError
+from recdepth.train import checkpoint as ckpt
+
+
+def validate(dcfg: DictConfig) -> RunConfig:
+    """The composed config as dataclasses (range checks run here) plus the checks that span sections."""
+    try:
+        cfg: RunConfig = OmegaConf.to_object(dcfg)
+    except RecdepthError:
+        raise
+    except Exception as exc:  # OmegaConf wraps errors raised in __post_init__
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, RecdepthError):
+            raise cause from None
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    from recdepth.dist.cluster import validate_parallel
+    from recdepth.train.schedule import validate_schedule
+
+    validate_parallel(cfg)
+    validate_schedule(cfg.optim, cfg.train.max_steps)
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"resume={cfg.resume!r} is invalid: expected auto, never or an existing checkpoint dir")
+    return cfg
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def resume_path(cfg: RunConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from, or None for a fresh start."""
+    if cfg.resume == "never":
+        if ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
+            raise CheckpointError(
+                f"{run_dir / 'checkpoints'} already holds checkpoints and resume=never; use resume=auto to continue "
+                "or another out_dir, so nothing is overwritten"
+            )
+        return None
+    if cfg.resume == "auto":
+        return ckpt.latest_checkpoint(run_dir / "checkpoints")
+    path = Path(cfg.resume)
+    state = ckpt.read_trainer_state(path)
+    ckpt.check_compatible(path, state, cfg.model, cfg.cluster.devices * cfg.cluster.num_nodes)
+    return path
+
+
+def main(dcfg: DictConfig) -> None:
+    """Entry point of run.py: errors in the input end the job with one line and a non-zero exit."""
+    try:
+        train(dcfg)
+    except RecdepthError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def train(dcfg: DictConfig) -> str:
+    cfg = validate(dcfg)
+    from recdepth.dist.cluster import build_fabric, dry_run_plan, needs_dry_run
+
+    if cfg.dry_run or needs_dry_run(cfg):
+        print(dry_run_plan(cfg))
+        return "planned"
+    run_dir = run_dir_of(cfg)
+    start = resume_path(cfg, run_dir)
+    if start is not None and cfg.resume == "auto":
+        state = ckpt.read_trainer_state(start)
+        ckpt.check_compatible(start, state, cfg.model, cfg.cluster.devices * cfg.cluster.num_nodes)
+    config_yaml = OmegaConf.to_yaml(dcfg, resolve=True)
+    # the data is prepared once here (e.g. the sample corpus), before any worker process starts
+    from recdepth.data import prepare_data
+
+    prepare_data(cfg.data, block_size=cfg.model.block_size, vocab_size=cfg.model.vocab_size)
+    fabric = build_fabric(cfg.cluster, cfg.parallelism, cfg.train.precision, loggers=None)
+    return fabric.launch(_train_process, cfg, run_dir, start, config_yaml)
+
+
+def _train_process(fabric, cfg: RunConfig, run_dir: Path, start: Path | None, config_yaml: str) -> str:
+    from lightning_fabric.loggers import TensorBoardLogger
+
+    from recdepth.data import build_data
+    from recdepth.dist.cluster import PreemptionFlag, any_rank_flag, time_to_stop, warmup_collectives
+    from recdepth.model import RecurrentLM
+    from recdepth.train.loop import Trainer
+    from recdepth.train.optim import build_optimizer
+
+    if fabric.world_size > 1:
+        warmup_collectives(fabric, cfg.parallelism.warmup_mib, cfg.parallelism.timeout_s)
+    data = build_data(cfg.data, block_size=cfg.model.block_size, vocab_size=cfg.model.vocab_size,
+                      micro_batch_size=cfg.train.micro_batch_size, rank=fabric.global_rank,
+                      world_size=fabric.world_size, n_val_batches=cfg.eval.batches, seed=cfg.data.seed)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{data.vocab_size} ids; expected model.vocab_size >= {data.vocab_size}")
+    with torch.device("cpu"):
+        module = RecurrentLM(cfg.model, cfg.recurrence)
+        module.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+    module.rank = fabric.global_rank
+    if cfg.train.compile:
+        module.compile_blocks()
+    optimizer = build_optimizer(module, cfg.optim)
+    model, optimizer = fabric.setup(module, optimizer)
+
+    logger = None
+    resumed_step = ckpt.read_trainer_state(start)["step"] if start is not None else 0
+    if fabric.global_rank == 0:
+        # version "" keeps one event dir per run dir; purge_step hides events of an interrupted segment
+        logger = TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="",
+                                   default_hp_metric=False, purge_step=resumed_step + 1 if resumed_step else None)
+        logger.log_hyperparams(OmegaConf.to_container(OmegaConf.create(config_yaml)))
+    preempt = PreemptionFlag()
+    preempt.install()
+
+    def stop_requested() -> bool:
+        local = preempt.is_set() or time_to_stop(cfg.cluster.save_before_end_min)
+        return any_rank_flag(fabric, local)
+
+    trainer = Trainer(cfg, fabric=fabric, model=model, module=module, optimizer=optimizer, data=data,
+                      run_dir=run_dir, config_yaml=config_yaml, logger=logger, stop_requested=stop_requested)
+    if start is not None:
+        trainer.restore(start)
+    if fabric.global_rank == 0:
+        fabric.print(f"run dir: {run_dir}  |  {module.num_params():,} parameters  |  "
+                     f"tensorboard --logdir {run_dir / 'tensorboard'}")
+    reason = trainer.fit()
+    if reason == "preempted":
+        preempt.hand_off()
+    return reason
