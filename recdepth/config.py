@@ -191,7 +191,7 @@ class OptimConfig:
     tensor_wise_finite_check: bool = False
     tensor_wise_gradient_normalization: bool = False
     kahan_sum: bool = False  # compensated summation of updates (for bf16 parameters)
-    buffer_dtype: Optional[str] = None  # m, v (and Kahan) dtype: float32 | bfloat16 | float64; null = param dtype
+    buffer_dtype: Optional[str] = None  # ELLISAdam state dtype: float32 | bfloat16 | float64 | null (= param)
     shard: str = "none"  # none | node | world (optimizer-state sharding)
 
     def __post_init__(self) -> None:
@@ -237,15 +237,27 @@ class DataConfig:
     cache_dir: Optional[str] = None  # where data=sample builds its corpus (default: ~/.cache/recdepth)
     num_workers: int = 0
     seed: int = 233
-    exhaustion: str = "next_epoch"  # next_epoch | stop
+    exhaustion: str = "next_epoch"  # next_epoch | stop (per source: source_exhaustion.<name>)
+    source_exhaustion: dict[str, str] = field(default_factory=dict)  # name -> next_epoch | stop
+    # piecewise-constant weights: [{at: rows consumed per rank, weights: {name: w}}, ...]
+    weight_schedule: list[Any] = field(default_factory=list)
+    categories: dict[str, str] = field(default_factory=dict)  # name -> category (reporting only)
+    verify_checksums: bool = True  # sha256 of every shard read against index.json
+    prefetch_factor: int = 2
+    sample_mb: float = 10.0  # data=sample: MB of standard-library source text to build the corpus from
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
-        require(
-            self.exhaustion in ("next_epoch", "stop"), "data.exhaustion", self.exhaustion, "one of next_epoch, stop"
-        )
+        for name, ex in {"exhaustion": self.exhaustion, **self.source_exhaustion}.items():
+            field_name = "data.exhaustion" if name == "exhaustion" else f"data.source_exhaustion.{name}"
+            require(ex in ("next_epoch", "stop"), field_name, ex, "one of next_epoch, stop")
         for name, w in self.weights.items():
             require(w >= 0 and math.isfinite(w), f"data.weights.{name}", w, "a finite float >= 0")
+        require(self.prefetch_factor >= 1, "data.prefetch_factor", self.prefetch_factor, "an integer >= 1")
+        require(0 < self.sample_mb <= 64, "data.sample_mb", self.sample_mb, "a float in (0, 64]")
+        for i, ph in enumerate(self.weight_schedule):
+            ok = isinstance(ph, dict) and set(ph) <= {"at", "weights"} and int(ph.get("at", -1)) >= 0
+            require(ok, f"data.weight_schedule[{i}]", ph, "{at: rows per rank >= 0, weights: {name: w}}")
 
 
 # ------------------------------------------------------------------------------------ eval, checkpoints
@@ -297,14 +309,17 @@ class ClusterConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    time_min: int = 60
+    time_min: int = 60  # job time limit (Frontier: <= 120/360/720 by node count)
     cpus_per_task: int = 1
-    gpus_per_node: int = 0
-    setup: list[str] = field(default_factory=list)  # shell lines run before srun
-    env: dict[str, str] = field(default_factory=dict)
-    signal_delay_s: int = 300
-    save_before_end_min: float = 5.0
-    device_tflops: float = 0.0  # for the dry-run plan's step-time estimate
+    gpus_per_node: Optional[int] = None  # null: do not request GPUs (CPU partitions)
+    array: int = 1  # segments chained as a job array with %1 (each resumes from the last checkpoint)
+    setup: list[str] = field(default_factory=list)  # shell lines run before srun (module loads, paths)
+    env: dict[str, str] = field(default_factory=dict)  # exported in the job and applied in-process at startup
+    srun_args: list[str] = field(default_factory=list)  # extra srun flags of the dry-run plan
+    signal_delay_s: int = 300  # SIGUSR2 this many seconds before the time limit (>= one step + one save)
+    save_before_end_min: float = 5.0  # time-based save using SLURM_JOB_END_TIME
+    device_tflops: float = 0.0  # per-device TFLOP/s for the dry-run plan's step-time estimate
+    device_mem_gib: float = 0.0  # per-device memory for the dry-run plan's warning (0: unknown)
 
     def __post_init__(self) -> None:
         require(self.name in ("local", "slurm", "frontier"), "cluster.name", self.name, "one of local, slurm, frontier")
@@ -312,6 +327,10 @@ class ClusterConfig:
                 "one of auto, cpu, gpu")
         require(self.devices >= 1, "cluster.devices", self.devices, "an integer >= 1")
         require(self.num_nodes >= 1, "cluster.num_nodes", self.num_nodes, "an integer >= 1")
+        require(self.time_min >= 1, "cluster.time_min", self.time_min, "an integer >= 1 (minutes)")
+        require(self.cpus_per_task >= 1, "cluster.cpus_per_task", self.cpus_per_task, "an integer >= 1")
+        require(self.array >= 1, "cluster.array", self.array, "an integer >= 1")
+        require(self.signal_delay_s >= 0, "cluster.signal_delay_s", self.signal_delay_s, "an integer >= 0")
 
 
 @dataclass
@@ -328,6 +347,9 @@ class ParallelismConfig:
         require(self.name in ("single", "ddp", "chunked_ddp", "fsdp"), "parallelism.name", self.name,
                 "one of single, ddp, chunked_ddp, fsdp")
         require(self.chunk_mib > 0, "parallelism.chunk_mib", self.chunk_mib, "a positive float")
+        require(all(m > 0 for m in self.warmup_mib), "parallelism.warmup_mib", list(self.warmup_mib),
+                "a list of positive sizes in MiB")
+        require(self.timeout_s >= 1, "parallelism.timeout_s", self.timeout_s, "an integer >= 1 (seconds)")
 
 
 # ------------------------------------------------------------------------------------------------ root

@@ -37,6 +37,15 @@ TINY = ModelConfig(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads stall on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_nebel_matmul_params():
     assert outer_params(NEBEL) == 1_927_495_680
     assert iteration_params(NEBEL) == 1_637_222_400

@@ -128,5 +128,5 @@ def count_params(cfg: ModelConfig, r: float = 32) -> dict[str, int]:
     out["total"] = out["embedding"] + out["blocks"] + out["adapter"] + out["ln_f"] + out["head"]
     out["core"] = cfg.n_core * per_block
     out["non_recurrent"] = out["total"] - out["core"]
-    out["unfolded"] = int(round(out["total"] + (r - 1) * out["core"]))
+    out["unfolded"] = round(out["total"] + (r - 1) * out["core"])
     return out

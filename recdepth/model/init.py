@@ -34,7 +34,7 @@ def init_takase(model: nn.Module, cfg: ModelConfig, mean_recurrence: float, gene
                 _trunc_normal(chunk, std, generator)
         elif name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
             _trunc_normal(p, out_std, generator)
-        elif name.endswith("mlp.fc.weight") or name.endswith("adapter.weight") or name.endswith("wte.weight"):
+        elif name.endswith(("mlp.fc.weight", "adapter.weight", "wte.weight", "lm_head.weight")):
             _trunc_normal(p, std, generator)
         elif name.endswith("qk_bias"):
             p.zero_()

@@ -131,12 +131,12 @@ class RecurrentLM(nn.Module):
             )
         if num_steps is None:
             n, k = self.draw_steps(step)
-        elif isinstance(num_steps, int):
-            n, k = num_steps, 0
+        elif isinstance(num_steps, int) or (isinstance(num_steps, Tensor) and num_steps.ndim == 0):
+            n, k = int(num_steps), 0  # a scalar m means (m, 0), as in the reference
         else:
             n, k = (int(v) for v in num_steps)
         if n < 0 or k < 0 or n + k == 0:
-            raise ValueError(f"num_steps=({n}, {k}) must be non-negative with at least one iteration")
+            raise ConfigError(f"num_steps=({n}, {k}) is invalid: expected (n, k) with n >= 0, k >= 0, n + k >= 1")
         freqs = self.freqs_cis[:, :S]
 
         x = self.transformer.wte(input_ids) * self.embed_scale

@@ -14,8 +14,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -120,7 +121,11 @@ class UnitLog:
             self.path.unlink(missing_ok=True)
             (self.dir / "manifest.json").unlink(missing_ok=True)
         elif self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):  # a kill mid-append: end the torn line so new records parse
+                with open(self.path, "a") as f:
+                    f.write("\n")
+            for line in text.splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a torn last line from a kill: that unit is simply redone
@@ -211,3 +216,71 @@ def read_manifest(stage_dir: str | os.PathLike, stage: str) -> dict:
 def summary_line(stage: str, totals: dict, skipped: int, n_units: int, out: Path, seconds: float) -> str:
     parts = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in totals.items())
     return f"[{stage}] {n_units} units ({skipped} resumed) in {seconds:.1f}s → {out}: {parts}"
+
+
+# ------------------------------------------------------------------------------------------- unit runner
+
+
+def digests(base: str | os.PathLike, paths: Iterable[str | os.PathLike]) -> dict[str, dict]:
+    """{path relative to base: {sha256, bytes}}, computed where the file was written (in the worker)."""
+    base = Path(base)
+    return {str(Path(p).relative_to(base)): {"sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
+            for p in paths}
+
+
+def _pool(workers: int):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return ctx.Pool(workers)
+
+
+def run_units(
+    log: UnitLog,
+    tasks: list[tuple[str, Any, Any]],
+    fn,
+    workers: int,
+    limit: int | None,
+    progress: bool,
+    desc: str,
+) -> tuple[list[dict], bool]:
+    """Run `fn(args) -> {outputs, counts..., quarantine}` for every (unit, inputs_fp, args) not yet done.
+
+    Returns the records of all units (resumed ones included) and whether every unit is now finished.
+    `limit` caps the number of new units this call runs (the rest are left for a later run).
+    """
+    from tqdm import tqdm
+
+    records: dict[str, dict] = {}
+    todo = []
+    for unit, fp, args in tasks:
+        rec = log.done(unit, fp)
+        if rec is not None:
+            records[unit] = rec
+        else:
+            todo.append((unit, fp, args))
+    complete = limit is None or len(todo) <= limit
+    if limit is not None:
+        todo = todo[:limit]
+    bar = tqdm(total=len(tasks), initial=len(records), desc=desc, disable=not progress, unit="unit")
+
+    def _record(unit: str, fp: Any, res: dict) -> None:
+        outs = res.pop("outputs")
+        rec = {"unit": unit, "config_hash": log.config_hash, "inputs": fp, "outputs": outs, **res}
+        with open(log.path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.records[unit] = rec
+        records[unit] = rec
+        bar.update(1)
+
+    if workers <= 1 or len(todo) <= 1:
+        for unit, fp, args in todo:
+            _record(unit, fp, fn(args))
+    else:
+        with _pool(min(workers, len(todo))) as pool:
+            for (unit, fp, _), res in zip(todo, pool.imap(fn, [t[2] for t in todo])):
+                _record(unit, fp, res)
+    bar.close()
+    return [records[u] for u, _, _ in tasks if u in records], complete

@@ -73,8 +73,8 @@ class ELLISAdam(torch.optim.Optimizer):
     - `buffer_dtype`: dtype of m, v and the Kahan buffer (default: the parameter's).
 
     Changes from the reference (its defects, training spec §15 #19):
-    - `kahan_sum` is fixed: the compensation buffer accumulates the full update (decay included) and `p.grad`
-      is never written; the reference decayed the buffer instead of p and clobbered the gradient.
+    - `kahan_sum` is fixed: p + K is the exact parameter and decays as a whole (K ← K(1 − d) − d·p − a·u), and
+      `p.grad` is never written; the reference decayed only the buffer, never p, and clobbered the gradient.
     - η₀ is the explicit `init_lr` argument (the config's peak lr), not the lr the groups were built with.
     - dropped: `brute_force_clip` (normalised every update to norm ≤ 1; the global gradient clip and
       `update_clipping` cover its purpose), `adafactor_like_beta_corrections` and `poly_ema_p` (both advanced
@@ -201,9 +201,10 @@ class ELLISAdam(torch.optim.Optimizer):
         u.mul_(scale)
 
         if group["kahan_sum"]:
-            # compensated: kahan holds what p could not absorb; it receives the whole update incl. decay
+            # compensated: p + kahan is the exact parameter; the update, decay of that sum included, goes into
+            # kahan, p takes what its precision can hold, and kahan keeps the rest
             kahan = state["kahan"]
-            kahan.add_(p.to(dtype), alpha=-decay).sub_(u)
+            kahan.mul_(1 - decay).add_(p.to(dtype), alpha=-decay).sub_(u)
             p_old = p.to(dtype, copy=True)
             p.add_(kahan.to(p.dtype))
             kahan.sub_(p.to(dtype) - p_old)

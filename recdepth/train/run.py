@@ -97,7 +97,8 @@ def _train_process(fabric, cfg: RunConfig, run_dir: Path, start: Path | None, co
     from lightning_fabric.loggers import TensorBoardLogger
 
     from recdepth.data import build_data
-    from recdepth.dist.cluster import PreemptionFlag, any_rank_flag, time_to_stop, warmup_collectives
+    from recdepth.dist.cluster import warmup_collectives
+    from recdepth.dist.signals import PreemptionFlag, any_rank_flag, time_to_stop
     from recdepth.model import RecurrentLM
     from recdepth.train.loop import Trainer
     from recdepth.train.optim import build_optimizer

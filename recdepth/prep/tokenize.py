@@ -1,0 +1,137 @@
+"""Stage `tokenize`: documents → token ids with BOS/EOS, in parallel processes, split train/val by document id.
+
+The split is a keyed hash of (seed, doc_id), decided here, before the shuffle stage repeats any document,
+so a validation document never leaks into training through upsampling. Ids are stored as uint16 when the
+vocabulary fits (the reference format), else uint32; asking for uint16 with a larger vocabulary is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recdepth.errors import ConfigError, DataError
+from recdepth.prep.config import PrepConfig
+from recdepth.prep.manifest import (
+    UnitLog,
+    digests,
+    finish_stage,
+    keyed_uniform,
+    read_manifest,
+    run_units,
+    sha256_json,
+    summary_line,
+    tmp_path_for,
+)
+
+_TOKENIZERS: dict = {}
+
+
+def token_dtype(requested: str, vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (auto), else uint32; an explicit uint16 that cannot hold the ids raises."""
+    if requested == "uint16" and vocab_size > 2**16:
+        raise ConfigError(
+            f"tokenize.dtype=uint16 is invalid for tokenizer.vocab_size={vocab_size}: ids reach {vocab_size - 1} "
+            "> 65535; use tokenize.dtype=uint32 or auto"
+        )
+    if requested == "uint32" or vocab_size > 2**16:
+        return np.dtype(np.uint32)
+    return np.dtype(np.uint16)
+
+
+def token_schema(dtype: np.dtype) -> pa.Schema:
+    return pa.schema([
+        ("doc_id", pa.string()), ("source", pa.string()), ("split", pa.int8()), ("n_tokens", pa.uint32()),
+        ("input_ids", pa.list_(pa.from_numpy_dtype(dtype))),
+    ])  # fmt: skip
+
+
+def _tokenizer(path: str):
+    if path not in _TOKENIZERS:
+        from tokenizers import Tokenizer
+
+        _TOKENIZERS[path] = Tokenizer.from_file(path)
+    return _TOKENIZERS[path]
+
+
+def encode_ids(tok, texts: list[str], dtype: np.dtype, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat ids, offsets) of texts encoded with BOS/EOS; ids beyond `dtype` raise naming `where`."""
+    encs = tok.encode_batch(texts, add_special_tokens=True)
+    lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+    offsets = np.zeros(len(encs) + 1, dtype=np.int32 if lens.sum() < 2**31 else np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    flat = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(offsets[-1]))
+    if flat.size and int(flat.max()) > np.iinfo(dtype).max:
+        raise DataError(f"{where}: token id {int(flat.max())} does not fit {dtype.name}")
+    return flat.astype(dtype), offsets
+
+
+def tokenize_unit(args: tuple) -> dict:
+    """docs/{source}/part-i.parquet → tokens/{source}/part-i.parquet."""
+    src, out_dir, rel, tok_path, dtype_name, batch_docs, seed, val_fraction = args
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = _tokenizer(tok_path)
+    dtype = np.dtype(dtype_name)
+    out = Path(out_dir) / rel
+    try:
+        pf = pq.ParquetFile(src)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{src}: unreadable or truncated parquet ({e})") from e
+    tmp = tmp_path_for(out)
+    n_docs = n_tokens = n_val = n_long = 0
+    with pq.ParquetWriter(tmp, token_schema(dtype), compression="zstd", compression_level=1) as w:
+        for batch in pf.iter_batches(batch_size=batch_docs, columns=["text", "doc_id", "source"]):
+            texts = batch.column("text").to_pylist()
+            ids = batch.column("doc_id").to_pylist()
+            flat, offsets = encode_ids(tok, texts, dtype, src)
+            lens = np.diff(offsets)
+            split = (keyed_uniform(seed, "split", ids) < val_fraction).astype(np.int8)
+            values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+            w.write_table(pa.table({
+                "doc_id": batch.column("doc_id"), "source": batch.column("source"), "split": split,
+                "n_tokens": lens.astype(np.uint32), "input_ids": values,
+            }, schema=token_schema(dtype)))  # fmt: skip
+            n_docs += len(ids)
+            n_tokens += int(lens.sum())
+            n_val += int(split.sum())
+            n_long += int((lens > 4097).sum())
+    os.replace(tmp, out)
+    return {"outputs": digests(out_dir, [out]), "docs": n_docs, "tokens": n_tokens, "val_docs": n_val,
+            "docs_over_4097": n_long, "bytes": n_tokens * dtype.itemsize, "quarantine": []}
+
+
+def run_tokenize(cfg: PrepConfig) -> dict | None:
+    t0 = time.time()
+    root = Path(cfg.out_dir)
+    docs_dir, out = root / "docs", root / "tokens"
+    docs = read_manifest(docs_dir, "ingest")
+    tman = read_manifest(root / "tokenizer", "tokenizer")
+    vocab = int(tman["totals"]["vocab_size"])
+    dtype = token_dtype(cfg.tokenize.dtype, vocab)
+    config = {"tokenize": cfg.to_dict()["tokenize"], "seed": cfg.seed}
+    log = UnitLog(out, "tokenize", sha256_json(config), resume=cfg.resume)
+    tok_path = str(root / "tokenizer" / "tokenizer.json")
+    tasks = []
+    for u in docs["units"]:
+        for rel in u["outputs"]:
+            fp = {"docs": u["outputs"][rel]["sha256"], "tokenizer": tman["fingerprint"]}
+            args = (str(docs_dir / rel), str(out), rel, tok_path, dtype.name, cfg.tokenize.batch_docs, cfg.seed,
+                    cfg.tokenize.val_fraction)
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            tasks.append((rel, fp, args))
+    records, complete = run_units(log, tasks, tokenize_unit, cfg.workers, cfg.limit_units, cfg.progress, "tokenize")
+    if not complete:
+        return None
+    totals = {k: sum(r[k] for r in records) for k in ("docs", "tokens", "val_docs", "docs_over_4097", "bytes")}
+    totals.update({"dtype": dtype.name, "vocab_size": vocab, "ids": tman["totals"]["ids"]})
+    inputs = {"docs": docs["fingerprint"], "tokenizer": tman["fingerprint"]}
+    units = [{k: v for k, v in r.items() if k != "quarantine"} for r in records]
+    man = finish_stage(out, "tokenize", config, cfg.seed, inputs, units, [], totals, 0.0, 1)
+    print(summary_line("tokenize", {k: totals[k] for k in ("docs", "tokens", "val_docs")}, log.skipped, len(tasks),
+                       out, time.time() - t0))
+    return man

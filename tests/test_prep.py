@@ -1,0 +1,221 @@
+"""Prep stages on small synthetic inputs: determinism, resume, adapters, packing, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recdepth.errors import ConfigError, DataError
+from recdepth.prep import prepare
+from recdepth.prep.config import prep_config
+from recdepth.prep.shard import Packer
+from recdepth.prep.tokenize import token_dtype
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi"]
+
+
+def _text(r: np.random.Generator, n: int) -> str:
+    return " ".join(WORDS[i] for i in r.integers(0, len(WORDS), n))
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    """A jsonl, two text files, a parquet with two fields, a chat jsonl and a `datasets` arrow dir."""
+    r = np.random.default_rng(0)
+    d = tmp_path / "raw"
+    (d / "plain").mkdir(parents=True)
+    with open(d / "plain" / "a.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": _text(r, int(r.integers(5, 150)))}) + "\n" for _ in range(120))
+    for k in range(2):
+        (d / "plain" / f"t{k}.txt").write_text(_text(r, 400))
+    pq.write_table(pa.table({"q": [_text(r, 20) for _ in range(30)], "a": [_text(r, 30) for _ in range(30)]}),
+                   d / "multi.parquet")
+    with open(d / "chat.jsonl", "w") as f:
+        for _ in range(20):
+            msgs = [{"from": "human", "value": _text(r, 10)}, {"from": "gpt", "value": " " + _text(r, 12) + " "}]
+            f.write(json.dumps({"conversations": msgs}) + "\n")
+    arrow = d / "hfds"
+    arrow.mkdir()
+    (arrow / "dataset_info.json").write_text("{}")
+    table = pa.table({"text": [_text(r, 25) for _ in range(40)]})
+    with pa.OSFile(str(arrow / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return d
+
+
+def overrides(raw: Path, **kw) -> dict:
+    base = {
+        "progress": False,
+        "workers": 1,
+        "ingest": {"sources": {
+            "plain": {"inputs": [str(raw / "plain" / "*")]},
+            "multi": {"inputs": [str(raw / "multi.parquet")], "adapter": "multi", "fields": ["q", "a"]},
+            "chat": {"inputs": [str(raw / "chat.jsonl")], "adapter": "chat", "messages_field": "conversations"},
+            "hf": {"inputs": [str(raw / "hfds")]},
+        }},
+        "tokenizer": {"vocab_size": 400, "specials": "minimal"},
+        "tokenize": {"val_fraction": 0.1, "batch_docs": 16},
+        "shuffle": {"bucket_mb": 0.005, "weights": {"chat": 2.5}},
+        "shard": {"block_size": 32, "rows_per_shard": 8, "policy": "carry"},
+    }
+    for k, v in kw.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and k in base else v
+    return base
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "shards").rglob("*.tar"))}
+
+
+def test_pipeline_is_deterministic_and_complete(raw: Path, tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ma = prepare(str(a), **overrides(raw))
+    mb = prepare(str(b), **overrides(raw, workers=2))
+    assert all(m is not None for m in ma.values())
+    sa, sb = shard_bytes(a), shard_bytes(b)
+    assert len(sa) > 4 and sa == sb  # byte-identical shards, whatever the process count
+    assert ma["shard"]["totals"]["fingerprint"] == mb["shard"]["totals"]["fingerprint"]
+    # carry loses nothing: every token of the shuffled copies is in a row
+    sh = ma["shuffle"]["totals"]
+    tr = json.loads((a / "shards" / "train" / "index.json").read_text())
+    assert tr["kept_tokens"] == sh["train_tokens"] and tr["discarded_tokens"] == 0
+    assert tr["rows"] == -(-sh["train_tokens"] // 33)
+    # chat docs were upsampled 2.5x (2 copies + Bernoulli(0.5)); val documents never repeated
+    assert sh["val_copies"] == sh["val_docs"] and sh["train_copies"] > sh["train_docs"]
+    for stage in ("docs", "tokenizer", "tokens", "shuffled", "shards"):
+        man = json.loads((a / stage / "manifest.json").read_text())
+        assert man["seed"] == 233 and man["config"] and man["units"] and man["inputs"]
+
+
+def test_adapters_render_chat_join_fields_and_read_arrow(raw: Path, tmp_path: Path):
+    prepare(str(tmp_path / "o"), stages=("ingest",), **overrides(raw))
+    docs = {s: [r for f in sorted((tmp_path / "o" / "docs" / s).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+            for s in ("chat", "multi", "hf", "plain")}
+    chat = docs["chat"][0]["text"]
+    assert chat.startswith("<|begin_header|>user<|end_header|>\n\n") and "<|begin_header|>Huginn<|end_header|>" in chat
+    assert chat.endswith("<|end_turn|>") and " <|end_turn|>" not in chat  # content trimmed
+    q, a = pq.read_table(raw / "multi.parquet").to_pylist()[0].values()
+    assert docs["multi"][0]["text"] == f"{q}\n{a}"
+    assert len(docs["hf"]) == 40 and docs["hf"][0]["doc_id"] == "hf/00000/0000000"
+    assert len(docs["plain"]) == 122  # 120 jsonl lines + 2 text files (one document each)
+
+
+def test_stage_killed_half_way_resumes_to_identical_output(raw: Path, tmp_path: Path):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    prepare(str(ref), **overrides(raw))
+    for stage in ("ingest", "tokenizer", "tokenize", "shuffle", "shard"):
+        if stage in ("ingest", "tokenize", "shuffle", "shard"):
+            part = prepare(str(out), stages=(stage,), **{**overrides(raw), "limit_units": 2})
+            assert part[stage] is None  # stopped with work left, like a killed run
+            log = (out / {"ingest": "docs", "tokenize": "tokens", "shuffle": "shuffled", "shard": "shards"}[stage]
+                   / "_manifest.jsonl")
+            done = [json.loads(x) for x in log.read_text().splitlines()]
+            assert len(done) == 2
+            first = log.parent / next(iter(done[0]["outputs"]))
+            stamp = first.stat().st_mtime_ns
+            with open(log, "a") as f:  # a torn line and a stale temp file, as a SIGKILL would leave
+                f.write('{"unit": "torn')
+            (first.parent / f".{first.name}.999.tmp").write_bytes(b"partial")
+            full = prepare(str(out), stages=(stage,), **overrides(raw))[stage]
+            assert full is not None
+            units = [json.loads(x)["unit"] for x in log.read_text().splitlines() if "torn" not in x]
+            assert units.count(done[0]["unit"]) == 1  # the finished unit was not redone
+            if stage != "shuffle":  # (shuffle removes its scatter files once finished)
+                assert first.stat().st_mtime_ns == stamp
+        else:
+            prepare(str(out), stages=(stage,), **overrides(raw))
+    assert shard_bytes(out) == shard_bytes(ref)
+    assert (json.loads((out / "shards" / "manifest.json").read_text())["totals"]["fingerprint"]
+            == json.loads((ref / "shards" / "manifest.json").read_text())["totals"]["fingerprint"])
+
+
+def test_bad_input_is_quarantined_with_reason_or_fails_named(tmp_path: Path):
+    d = tmp_path / "raw"
+    d.mkdir()
+    (d / "good.txt").write_text("fine text here")
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (d / "empty.txt").write_text("   \n")
+    with open(d / "rows.jsonl", "w") as f:
+        f.write(json.dumps({"text": "ok row"}) + "\n" + json.dumps({"text": None}) + "\n{broken\n")
+    over = {"progress": False, "ingest": {"inputs": [str(d / "*")]}}
+    with pytest.raises(DataError, match="quarantine.jsonl"):
+        prepare(str(tmp_path / "strict"), stages=("ingest",), **over)
+    man = prepare(str(tmp_path / "lax"), stages=("ingest",), max_bad_fraction=0.8, **over)["ingest"]
+    q = [json.loads(x) for x in (tmp_path / "lax" / "docs" / "quarantine.jsonl").read_text().splitlines()]
+    reasons = " | ".join(x["reason"] for x in q)
+    assert man["totals"]["quarantined"] == len(q) == 4 and man["totals"]["docs"] == 2
+    for why in ("invalid UTF-8", "empty text", "null text", "invalid JSON"):
+        assert why in reasons
+    # a truncated parquet: a named error, or quarantined when the config allows
+    good = tmp_path / "p" / "x.parquet"
+    good.parent.mkdir()
+    pq.write_table(pa.table({"text": ["a b c"] * 50}), good)
+    good.write_bytes(good.read_bytes()[:-40])
+    over = {"progress": False, "ingest": {"inputs": [str(good)]}}
+    with pytest.raises(DataError, match="x.parquet"):
+        prepare(str(tmp_path / "t1"), stages=("ingest",), **over)
+    over["ingest"]["on_bad_file"] = "quarantine"
+    man = prepare(str(tmp_path / "t2"), stages=("ingest",), max_bad_fraction=1.0, **over)["ingest"]
+    assert man["totals"]["quarantined"] == 1
+
+
+def test_vocab_too_large_for_uint16_is_a_named_error(tmp_path: Path):
+    assert token_dtype("auto", 65536) == np.uint16 and token_dtype("auto", 65537) == np.uint32
+    with pytest.raises(ConfigError, match="tokenize.dtype=uint16"):
+        token_dtype("uint16", 70000)
+    from recdepth.prep.tokenizer import layout
+
+    with pytest.raises(ConfigError, match="tokenizer.specials_start"):
+        layout(prep_config(None, stage="tokenizer", tokenizer={"vocab_size": 400, "specials_start": 399}).tokenizer)
+    with pytest.raises(ConfigError, match="stage"):
+        prep_config(None, stage="bogus")
+
+
+def test_huginn_preset_ids_and_uint32_tokens(raw: Path, tmp_path: Path):
+    over = overrides(raw, tokenizer={"vocab_size": 65536, "preset": "huginn", "specials": "huginn"})
+    over["tokenize"]["dtype"] = "uint16"
+    m = prepare(str(tmp_path / "h"), stages=("ingest", "tokenizer", "tokenize"), **over)
+    ids = m["tokenizer"]["totals"]["ids"]
+    assert ids == {"bos": 65504, "eos": 65505, "end_turn": 65508, "pad": 65509}
+    assert m["tokenizer"]["totals"]["dropped_char_rate"] == 0.0  # aeolian + fallback is lossless
+    t = pq.read_table(next((tmp_path / "h" / "tokens" / "plain").glob("*.parquet")))
+    row = t.column("input_ids")[0].as_py()
+    assert row[0] == 65504 and row[-1] == 65505 and t.schema.field("input_ids").type.value_type == pa.uint16()
+    big = overrides(raw, tokenizer={"vocab_size": 65600, "specials": "minimal"})
+    big["tokenize"]["dtype"] = "uint16"
+    with pytest.raises(ConfigError, match="uint16"):
+        prepare(str(tmp_path / "big"), stages=("ingest", "tokenizer", "tokenize"), **big)
+
+
+def _pack(policy: str, docs: list[list[int]], sacred: set[int] = frozenset(), batch_docs: int = 0):
+    p = Packer(5, policy, pad_id=0, dtype=np.dtype(np.uint16), batch_docs=batch_docs)
+    rows = []
+    for i, d in enumerate(docs):
+        rows += [r.tolist() for r, _ in p.feed(np.array(d, dtype=np.uint16), i, i in sacred)]
+    rows += [r.tolist() for r, _ in p.finish()]
+    return rows, p
+
+
+def test_packing_policies_against_hand_computed_rows():
+    docs = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16]]
+    rows, p = _pack("carry", docs)
+    assert rows == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15], [16, 0, 0, 0, 0]]
+    assert p.discarded == 0 and p.padded == 4
+    # huginn: cur reaches 7 >= 5 before doc 2 → emit first 5, incinerate [6, 7]; the tail is dropped at the end
+    rows, p = _pack("huginn", docs)
+    assert rows == [[1, 2, 3, 4, 5], [8, 9, 10, 11, 12]] and p.discarded == 2 + 4
+    # a sacred last document carries its overflow instead
+    rows, _ = _pack("huginn", docs, sacred={1})
+    assert rows == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    rows, _ = _pack("truncate", docs, sacred={1})
+    assert rows == [[1, 2, 3, 4, 5], [8, 9, 10, 11, 12]]
+    # meta: BOS offsets of document starts and their sources
+    p = Packer(5, "carry", 0, np.dtype(np.uint16))
+    (_, meta), = list(p.feed(np.array([1, 2, 3], np.uint16), 0, False)) + list(p.feed(np.array([4, 5], np.uint16), 1,
+                                                                                   False))
+    assert meta == {"doc_starts": [0, 3], "source_ids": [0, 1]}

@@ -1,0 +1,173 @@
+"""Data benchmarks (issue 4): tokenize vs encode_batch, shuffle+shard vs a plain copy, shuffle peak memory on
+1x and 10x the data, TokenStream rows/s vs what a raven_small step consumes. `bench_data(out)` fills `out`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from recdepth.prep.manifest import digests, finish_stage  # noqa: E402
+from recdepth.prep.tokenize import token_schema  # noqa: E402
+
+RAVEN_SMALL_STEP_S = 1.5  # assumed CPU step time of raven_small (batch 8 x 256), per the issue
+RAVEN_SMALL_ROWS = 8
+
+
+def _synthetic_tokens(out_dir: Path, n_files: int, docs_per_file: int = 1000, mean_len: int = 1000) -> int:
+    """A tokens/ stage dir (as `tokenize` writes it) of random documents; returns the token bytes."""
+    d = out_dir / "tokens" / "synth"
+    d.mkdir(parents=True, exist_ok=True)
+    units, total = [], 0
+    for i in range(n_files):
+        r = np.random.default_rng(np.random.SeedSequence(7, spawn_key=(i,)))
+        lens = r.integers(mean_len // 2, mean_len * 3 // 2, docs_per_file)
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        values = r.integers(0, 4090, int(offsets[-1])).astype(np.uint16)
+        ids = [f"synth/{i:05d}/{k:07d}" for k in range(docs_per_file)]
+        split = (r.random(docs_per_file) < 0.01).astype(np.int8)
+        t = pa.table({"doc_id": ids, "source": ["synth"] * docs_per_file, "split": split,
+                      "n_tokens": lens.astype(np.uint32),
+                      "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))},
+                     schema=token_schema(np.dtype(np.uint16)))
+        path = d / f"part-{i:05d}.parquet"
+        pq.write_table(t, path, compression="zstd", compression_level=1)
+        units.append({"unit": f"synth/part-{i:05d}.parquet", "outputs": digests(out_dir / "tokens", [path]),
+                      "docs": docs_per_file, "val_docs": int(split.sum()), "bytes": int(values.nbytes)})
+        total += int(values.nbytes)
+    totals = {"dtype": "uint16", "vocab_size": 4096, "ids": {"bos": 4090, "eos": 4091, "pad": 4095}}
+    finish_stage(out_dir / "tokens", "tokenize", {}, 0, {}, units, [], totals, 0.0, 1)
+    tok = out_dir / "tokenizer"
+    tok.mkdir(exist_ok=True)
+    (tok / "tokenizer.json").write_text("{}")
+    finish_stage(tok, "tokenizer", {}, 0, {}, [{"unit": "tokenizer"}], [], totals, 0.0, 1)
+    return total
+
+
+_PEAK_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from recdepth.prep import prepare
+t = time.time()
+prepare({out!r}, stages=("shuffle",), workers=1, progress=False, resume=False, shuffle={{"bucket_mb": 4.0}})
+print(json.dumps({{"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "s": time.time() - t}}))
+"""
+
+
+def _shuffle_peak(out: Path) -> dict:
+    res = subprocess.run([sys.executable, "-c", _PEAK_CHILD.format(root=str(ROOT), out=str(out))],
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_tokenize(out: dict, tmp: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from recdepth.data.sample import sample_overrides, stdlib_files
+    from recdepth.prep import prepare
+
+    files = stdlib_files(4.0)
+    over = sample_overrides(files, 4096, 256, workers=2)
+    over["ingest"]["files_per_unit"] = 16
+    prepare(str(tmp / "tk"), stages=("ingest", "tokenizer"), **over)
+    texts = [t for f in sorted((tmp / "tk" / "docs" / "stdlib").glob("*.parquet"))
+             for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
+    t0 = time.perf_counter()
+    man = prepare(str(tmp / "tk"), stages=("tokenize",), **over)["tokenize"]
+    t_stage = time.perf_counter() - t0
+    tok = Tokenizer.from_file(str(tmp / "tk" / "tokenizer" / "tokenizer.json"))
+    t0 = time.perf_counter()
+    enc = tok.encode_batch(texts, add_special_tokens=True)
+    t_lib = time.perf_counter() - t0
+    n = man["totals"]["tokens"]
+    assert n == sum(len(e.ids) for e in enc)
+    out["tokenize_tokens"] = n
+    out["tokenize_2proc_tokens_per_s"] = round(n / t_stage)
+    out["encode_batch_tokens_per_s"] = round(n / t_lib)
+    out["tokenize_vs_encode_batch_ratio"] = round(t_lib / t_stage, 3)
+
+
+def bench_shuffle_shard(out: dict, tmp: Path) -> None:
+    from recdepth.prep import prepare
+
+    small, big = tmp / "x1", tmp / "x10"
+    _synthetic_tokens(small, 3)
+    nbytes = _synthetic_tokens(big, 30)
+    p1, p10 = _shuffle_peak(small), _shuffle_peak(big)
+    out["shuffle_peak_mb_1x"] = round(p1["peak_mb"], 1)
+    out["shuffle_peak_mb_10x"] = round(p10["peak_mb"], 1)
+    out["shuffle_peak_ratio_10x_vs_1x"] = round(p10["peak_mb"] / p1["peak_mb"], 3)
+    # throughput on the 10x data: shuffle + shard vs copying the token files
+    src_files = sorted((big / "tokens").rglob("*.parquet"))
+    file_bytes = sum(f.stat().st_size for f in src_files)
+    t0 = time.perf_counter()
+    prepare(str(big), stages=("shuffle", "shard"), workers=2, progress=False, resume=False,
+            shuffle={"bucket_mb": 4.0}, shard={"block_size": 2048, "rows_per_shard": 256, "policy": "carry"})
+    t_pipe = time.perf_counter() - t0
+    dst = tmp / "copy"
+    dst.mkdir()
+    t0 = time.perf_counter()
+    for f in src_files:
+        with open(f, "rb") as a, open(dst / f.name, "wb") as b:
+            shutil.copyfileobj(a, b, 1 << 22)
+    t_copy = time.perf_counter() - t0
+    out["shuffle_shard_token_mb"] = round(nbytes / 2**20, 1)
+    out["shuffle_shard_mb_per_s"] = round(nbytes / 2**20 / t_pipe, 1)
+    out["plain_copy_mb_per_s"] = round(file_bytes / 2**20 / t_copy, 1)
+    out["shuffle_shard_vs_copy_ratio"] = round((nbytes / t_pipe) / (file_bytes / t_copy), 3)
+
+
+def bench_stream(out: dict, tmp: Path) -> None:
+    from recdepth.data import Source, TokenStream, load_index
+    from recdepth.prep import prepare
+
+    srcs = []
+    for k, w in enumerate((0.5, 0.3, 0.2)):
+        d = tmp / f"src{k}"
+        _synthetic_tokens(d, 2, docs_per_file=300)
+        prepare(str(d), stages=("shuffle", "shard"), workers=1, progress=False,
+                shard={"block_size": 256, "rows_per_shard": 128, "policy": "carry"})
+        srcs.append(Source(f"s{k}", load_index(d, "train"), w))
+    stream = TokenStream(srcs, rank=0, world_size=1, num_workers=0, seed=0)
+    it = stream.worker_rows(0)
+    for _ in range(100):  # warm-up: first shard reads
+        next(it)
+    n = 20_000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    rows_s = n / (time.perf_counter() - t0)
+    need = RAVEN_SMALL_ROWS / RAVEN_SMALL_STEP_S
+    out["stream_rows_per_s_per_worker"] = round(rows_s)
+    out["raven_small_rows_per_s_needed"] = round(need, 2)
+    out["stream_vs_raven_small_ratio"] = round(rows_s / need, 1)
+
+
+def bench_data(out: dict) -> None:
+    """Fill `out` with the data figures and the ratios named in issue 4 (targets in the `*_target` keys)."""
+    with tempfile.TemporaryDirectory(prefix="recdepth-bench-data-") as t:
+        tmp = Path(t)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+        bench_tokenize(out, tmp)
+        bench_shuffle_shard(out, tmp)
+        bench_stream(out, tmp)
+    out["targets"] = {"tokenize_vs_encode_batch_ratio": ">= 0.8", "shuffle_shard_vs_copy_ratio": ">= 0.3",
+                      "shuffle_peak_ratio_10x_vs_1x": "<= 1.2", "stream_vs_raven_small_ratio": ">= 50"}
+
+
+if __name__ == "__main__":
+    figures: dict = {}
+    bench_data(figures)
+    print(json.dumps(figures, indent=1))
