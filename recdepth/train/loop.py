@@ -10,9 +10,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -20,7 +21,14 @@ from recdepth.config import RunConfig
 from recdepth.errors import TrainingError
 from recdepth.train import checkpoint as ckpt
 from recdepth.train.evaluate import depth_table, eval_depths, evaluate, save_depth_curve
-from recdepth.train.metrics import Window, device_peak_tflops, memory_scalars, param_scalars, window_scalars
+from recdepth.train.metrics import (
+    Window,
+    device_peak_tflops,
+    grad_scalars,
+    memory_scalars,
+    param_scalars,
+    window_scalars,
+)
 from recdepth.train.schedule import apply_lr, lr_at
 
 
@@ -39,7 +47,7 @@ class TrainerState:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainerState":
+    def from_dict(cls, d: dict[str, Any]) -> TrainerState:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -89,6 +97,7 @@ class Trainer:
         self.last_eval: dict[int, float] = {}
         self._flop_cache: dict[tuple[int, int, int], tuple[float, float]] = {}
         self._saved_step = -1
+        self.last_draw = (0, 0)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -150,12 +159,15 @@ class Trainer:
             loss = float(out.loss.detach())
             finite_loss &= math.isfinite(loss)
             n, k = int(out.stats["num_steps_no_grad"]), int(out.stats["num_steps_with_grad"])
+            self.last_draw = (n, k)
             mf, hf = self._micro_flops(n, k, inputs.shape[1])
             window.add_micro(loss, n, k, mf, hf, inputs.numel())
             if telemetry and last:
                 window.telemetry = {k2: v for k2, v in out.stats.items() if not k2.startswith("num_steps")}
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = float(self.fabric.clip_gradients(self.model, self.optimizer, max_norm=clip))
+        if telemetry:
+            window.telemetry.update(grad_scalars(self.module))
         applied = finite_loss and math.isfinite(grad_norm)
         if not finite_loss and not self.cfg.train.allow_nonfinite_loss:
             applied = False
@@ -228,6 +240,7 @@ class Trainer:
                     break
                 grad_norm, applied = self.train_step(batches, window, telemetry=log_now)
                 window.seconds += time.perf_counter() - t0
+                self._check_lockstep(t)
                 self.state.tokens_seen += sum(b[0].numel() for b in batches)
                 window.checksum = _checksum(batches)
                 if bar is not None:
@@ -278,6 +291,14 @@ class Trainer:
         if reason == "done" and fabric.global_rank == 0:
             fabric.print("\nvalidation loss by recurrence depth (test-time compute):\n" + depth_table(self.last_eval))
         return reason
+
+    def _check_lockstep(self, t: int) -> None:
+        """With lockstep on, every rank must have drawn the same (n, k); checked cheaply every few steps."""
+        every = self.cfg.parallelism.lockstep_check_every
+        if self.fabric.world_size > 1 and self.cfg.recurrence.lockstep and every and (t == 1 or t % every == 0):
+            from recdepth.dist.cluster import check_lockstep
+
+            check_lockstep(self.fabric, *self.last_draw)
 
     def _guardrail(self, loss: float) -> None:
         cfg = self.cfg.train

@@ -64,7 +64,7 @@ def window_scalars(w: Window, *, world_size: int, peak_tflops: float | None) -> 
             out["perf/mfu"] = w.model_flops / w.seconds / (peak_tflops * 1e12)
             out["perf/hfu"] = w.hw_flops / w.seconds / (peak_tflops * 1e12)
     for key, value in w.telemetry.items():
-        out[f"recurrence/{key}"] = value
+        out[key if "/" in key else f"recurrence/{key}"] = value
     return out
 
 
@@ -81,6 +81,21 @@ def param_scalars(model: torch.nn.Module) -> dict[str, float]:
         "optim/core_block_l2_param_norm": l2(core),
         "optim/word_embed_l2_param_norm": l2(wte),
     }
+
+
+@torch.no_grad()
+def grad_scalars(model: torch.nn.Module) -> dict[str, float]:
+    """Per-block gradient norms of the query rows of Wqkv and of mlp.proj (post-clip), block index i in
+    execution order (prelude, core, coda)."""
+    blocks = [*model.transformer.prelude, *model.transformer.core_block, *model.transformer.coda]
+    d = model.cfg.n_embd
+    out: dict[str, float] = {}
+    for i, blk in enumerate(blocks):
+        if blk.attn.Wqkv.weight.grad is not None:
+            out[f"grads/query_grad_{i}"] = float(blk.attn.Wqkv.weight.grad[:d].float().norm())
+        if blk.mlp.proj.weight.grad is not None:
+            out[f"grads/ffn2_grad_{i}"] = float(blk.mlp.proj.weight.grad.float().norm())
+    return out
 
 
 def memory_scalars(device: torch.device) -> dict[str, float]:
