@@ -219,3 +219,22 @@ def test_packing_policies_against_hand_computed_rows():
     (_, meta), = list(p.feed(np.array([1, 2, 3], np.uint16), 0, False)) + list(p.feed(np.array([4, 5], np.uint16), 1,
                                                                                    False))
     assert meta == {"doc_starts": [0, 3], "source_ids": [0, 1]}
+
+
+def test_tar_members_match_tarfile_and_webdataset_reads_them(tmp_path: Path):
+    import io
+    import tarfile
+
+    from recdepth.prep.shard import _member, _npy_header, write_shard
+
+    info = tarfile.TarInfo("000000000007.tokens.npy")
+    info.size, info.mtime, info.mode = 5, 0, 0o644
+    assert _member(info.name, b"hello") == info.tobuf(format=tarfile.USTAR_FORMAT) + b"hello" + b"\0" * 507
+    rows = [(np.arange(9, dtype=np.uint16) + k, {"doc_starts": [0], "source_ids": [0]}) for k in range(3)]
+    write_shard(tmp_path / "s.tar", 40, rows, _npy_header(np.dtype(np.uint16), 9))
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == ["000000000040", "000000000041", "000000000042"]
+    assert np.load(io.BytesIO(samples[2]["tokens.npy"])).tolist() == list(range(2, 11))
+    assert json.loads(samples[0]["meta.json"]) == {"doc_starts": [0], "source_ids": [0]}

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -62,7 +61,9 @@ sys.path.insert(0, {root!r})
 from recdepth.prep import prepare
 t = time.time()
 prepare({out!r}, stages=("shuffle",), workers=1, progress=False, resume=False, shuffle={{"bucket_mb": 4.0}})
-print(json.dumps({{"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "s": time.time() - t}}))
+hwm = [x for x in open("/proc/self/status").read().splitlines() if x.startswith("VmHWM")]
+peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"peak_mb": peak, "s": time.time() - t}}))
 """
 
 
@@ -159,7 +160,6 @@ def bench_data(out: dict) -> None:
     """Fill `out` with the data figures and the ratios named in issue 4 (targets in the `*_target` keys)."""
     with tempfile.TemporaryDirectory(prefix="recdepth-bench-data-") as t:
         tmp = Path(t)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
         bench_tokenize(out, tmp)
         bench_shuffle_shard(out, tmp)
         bench_stream(out, tmp)

@@ -228,11 +228,16 @@ def digests(base: str | os.PathLike, paths: Iterable[str | os.PathLike]) -> dict
             for p in paths}
 
 
+def _worker_init() -> None:
+    # a forked child must not use the parent's (dead) Rust thread pool: each process encodes single-threaded
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _pool(workers: int):
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return ctx.Pool(workers)
+    return ctx.Pool(workers, initializer=_worker_init)
 
 
 def run_units(

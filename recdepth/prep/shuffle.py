@@ -87,6 +87,8 @@ def scatter_unit(args: tuple) -> dict:
         counts[f"{split}_docs"] = len(sub)
         counts[f"{split}_copies"] = len(rows)
         counts[f"{split}_tokens"] = int(pc.sum(pc.list_value_length(expanded.column("input_ids"))).as_py() or 0)
+    del table, sub, expanded, batches, flat
+    pa.default_memory_pool().release_unused()  # keep the peak at one unit, not the allocator's high-water mark
     return {"outputs": digests(stage_dir, outs), **counts, "quarantine": []}
 
 
@@ -110,6 +112,8 @@ def bucket_unit(args: tuple) -> dict:
         schema = pa.ipc.open_file(pa.memory_map(scatter_files[0])).schema if scatter_files else None
         _write_ipc(out, schema or pa.schema([]), [])
         tokens = 0
+    del table, parts
+    pa.default_memory_pool().release_unused()
     return {"outputs": digests(stage_dir, [out]), "split": split, "copies": n, "tokens": tokens, "quarantine": []}
 
 

@@ -74,7 +74,6 @@ def encode_ids(tok, texts: list[str], dtype: np.dtype, where: str) -> tuple[np.n
 def tokenize_unit(args: tuple) -> dict:
     """docs/{source}/part-i.parquet → tokens/{source}/part-i.parquet."""
     src, out_dir, rel, tok_path, dtype_name, batch_docs, seed, val_fraction = args
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = _tokenizer(tok_path)
     dtype = np.dtype(dtype_name)
     out = Path(out_dir) / rel
