@@ -90,7 +90,7 @@ def _replica_spread(fabric, model) -> float:
     return float((gathered - gathered[0]).abs().max())
 
 
-def _fabric_worker(fabric, scenarios: list[tuple[str, int | None, int]]) -> dict:
+def _fabric_worker(fabric, scenarios: list[tuple[str, int | None, int]], out_file: str) -> None:
     torch.set_num_threads(1)
     rank = fabric.global_rank
     results = {}
@@ -104,30 +104,34 @@ def _fabric_worker(fabric, scenarios: list[tuple[str, int | None, int]]) -> dict
         model, opt = fabric.setup(model, opt)
         _train_replica(fabric, model, opt, rank, gas)
         res = {
-            # numpy, not tensors: spawn returns pass through a queue, and tensors would be shared by reference
-            "params": {n: p.detach().numpy().copy() for n, p in model.named_parameters()},
+            "params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
             "spread": _replica_spread(fabric, model),
         }
         if chunk_numel is not None:
             res["allocations"] = strategy._buffers.allocations - allocations
             res["collectives"] = strategy.collectives - collectives
         results[name] = res
-    return results
+    # written to a file: a spawn launch returns rank 0's value through a pipe that is only read after join,
+    # so a large return value would block the worker forever
+    if rank == 0:
+        torch.save(results, out_file)
 
 
-def _launch(parallelism: str, scenarios: list) -> dict:
+def _launch(parallelism: str, scenarios: list, tmp_path: Path) -> dict:
     fabric = build_fabric(
         ClusterConfig(name="local", accelerator="cpu", devices=WORLD),
         ParallelismConfig(name=parallelism, timeout_s=60),
         "32-true",
     )
-    return fabric.launch(_fabric_worker, scenarios)
+    out_file = tmp_path / f"{parallelism}.pt"
+    fabric.launch(_fabric_worker, scenarios, str(out_file))
+    return torch.load(out_file, weights_only=True)
 
 
 # ------------------------------------------------------------------------------ equivalence with DDP
 
 
-def test_chunked_ddp_matches_ddp_and_single_process():
+def test_chunked_ddp_matches_ddp_and_single_process(tmp_path):
     n_params = sum(p.numel() for p in _make_model(0).parameters())
     largest = max(p.numel() for p in _make_model(0).parameters())
     small, medium = 1000, largest + 4096  # below and above the largest tensor, both below the total
@@ -138,8 +142,8 @@ def test_chunked_ddp_matches_ddp_and_single_process():
         ("huge-gas2", 2**24, 2),  # 64 MiB: one collective of min(chunk, total) elements
     ]
     t0 = time.time()
-    chunked = _launch("chunked_ddp", scenarios)
-    ddp = _launch("ddp", [("gas1", None, 1), ("gas2", None, 2)])
+    chunked = _launch("chunked_ddp", scenarios, tmp_path)
+    ddp = _launch("ddp", [("gas1", None, 1), ("gas2", None, 2)], tmp_path)
     assert time.time() - t0 < 60
     single = {gas: _train_single(gas) for gas in (1, 2)}
 
@@ -147,12 +151,12 @@ def test_chunked_ddp_matches_ddp_and_single_process():
         res = chunked[name]
         assert res["spread"] == 0.0, name  # replicas bit-identical
         for key, ref in single[gas].items():
-            got = torch.from_numpy(res["params"][key])
+            got = res["params"][key]
             torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4, msg=f"{name} {key} vs single")
-            torch.testing.assert_close(got, torch.from_numpy(ddp[f"gas{gas}"]["params"][key]), atol=2e-5, rtol=1e-4,
+            torch.testing.assert_close(got, ddp[f"gas{gas}"]["params"][key], atol=2e-5, rtol=1e-4,
                                        msg=f"{name} {key} vs ddp")
         # trained away from the init (the comparison is not vacuous)
-        assert not torch.allclose(torch.from_numpy(res["params"]["transformer.wte.weight"]),
+        assert not torch.allclose(res["params"]["transformer.wte.weight"],
                                   _make_model(0).transformer.wte.weight, atol=1e-3)
         # exactly one synchronisation per optimizer step, never during accumulation; buffers kept
         assert res["collectives"] == STEPS * -(-n_params // min(chunk_numel, n_params)), name
@@ -208,9 +212,9 @@ def _scenario_consistency(fabric) -> dict:
         except DistributedError as exc:
             out[case] = str(exc)
     # a consistent pattern passes and averages: rank r contributes r+1
-    a, b = torch.nn.Parameter(torch.zeros(7)), torch.nn.Parameter(torch.zeros(3))
+    a, b = torch.nn.Parameter(torch.zeros(7)), torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
     a.grad = torch.full((7,), fabric.global_rank + 1.0)
-    b.grad = torch.full((3,), fabric.global_rank + 1.0, dtype=torch.float32).to(torch.bfloat16)
+    b.grad = torch.full((3,), fabric.global_rank + 1.0, dtype=torch.bfloat16)  # upcast in, downcast out
     bufs = ChunkBuffers()
     out["n_collectives"] = chunked_mean_allreduce([a, b], 4, buffers=bufs)
     out["mean"] = sorted(set(a.grad.tolist() + b.grad.float().tolist()))

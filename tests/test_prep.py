@@ -238,3 +238,66 @@ def test_tar_members_match_tarfile_and_webdataset_reads_them(tmp_path: Path):
     assert [s["__key__"] for s in samples] == ["000000000040", "000000000041", "000000000042"]
     assert np.load(io.BytesIO(samples[2]["tokens.npy"])).tolist() == list(range(2, 11))
     assert json.loads(samples[0]["meta.json"]) == {"doc_starts": [0], "source_ids": [0]}
+
+
+def _reference_rows(policy: str, L: int, docs: list[np.ndarray], srcs: list[int], sacred: set[int], batch_docs: int):
+    p = Packer(L, policy, pad_id=9, dtype=np.dtype(np.uint16), batch_docs=batch_docs)
+    rows = []
+    for d, s in zip(docs, srcs):
+        rows += list(p.feed(d, s, s in sacred))
+    rows += list(p.finish())
+    metas = [json.dumps(m, separators=(",", ":")).encode() for _, m in rows]
+    return [r.tolist() for r, _ in rows], metas, p
+
+
+@pytest.mark.parametrize("policy", ["carry", "huginn", "truncate"])
+def test_stream_packer_equals_reference_packer_on_random_documents(policy: str):
+    from recdepth.prep.shard import StreamPacker
+
+    r = np.random.default_rng(3)
+    for trial in range(60):
+        L = int(r.integers(1, 12))
+        n = int(r.integers(0, 80))
+        lens = r.integers(0, 3 * L + 2, n) if trial % 3 else r.integers(0, 3, n)  # incl. empty and tiny documents
+        docs = [r.integers(0, 1000, k).astype(np.uint16) for k in lens]
+        srcs = r.integers(0, 4, n).tolist()
+        sacred = {int(x) for x in r.integers(0, 4, int(r.integers(0, 3)))}
+        batch_docs = int(r.integers(0, 6)) if trial % 2 else 0
+        want_rows, want_meta, ref = _reference_rows(policy, L, docs, srcs, sacred, batch_docs)
+        sp = StreamPacker(L, policy, pad_id=9, dtype=np.dtype(np.uint16), batch_docs=batch_docs)
+        got_rows, got_meta, i = [], [], 0
+        while i < n:  # feed in random batches, as record batches arrive
+            j = min(n, i + int(r.integers(1, 20)))
+            offsets = np.concatenate([[0], np.cumsum(lens[i:j])]).astype(np.int32)
+            values = np.concatenate(docs[i:j]) if j > i else np.zeros(0, np.uint16)
+            src = np.array(srcs[i:j], dtype=np.int64)
+            rows, metas = sp.add(values, offsets, src, np.isin(src, list(sacred)))
+            got_rows += rows.tolist()
+            got_meta += metas
+            i = j
+        rows, metas = sp.finish()
+        got_rows += rows.tolist()
+        got_meta += metas
+        assert got_rows == want_rows and got_meta == want_meta, (policy, trial)
+        assert (sp.kept, sp.discarded, sp.padded) == (ref.kept, ref.discarded, ref.padded)
+        assert sp.discarded_by_source == ref.discarded_by_source
+
+
+def test_shard_buffer_matches_member_by_member_tar(tmp_path: Path):
+    from recdepth.prep.shard import _member, _npy_header, shard_bytes, write_shard, write_shard_rows
+
+    header = _npy_header(np.dtype(np.uint16), 7)
+    rows = np.arange(5 * 7, dtype=np.uint16).reshape(5, 7)
+    metas = [json.dumps({"doc_starts": list(range(k)), "source_ids": [k] * (k * 40)}, separators=(",", ":")).encode()
+             for k in range(5)]  # meta.json from empty-ish to over one tar block
+    want = b"".join(_member(f"{90 + i:012d}.tokens.npy", header + rows[i].tobytes())
+                    + _member(f"{90 + i:012d}.meta.json", metas[i]) for i in range(5)) + b"\0" * 1024
+    assert shard_bytes(90, rows, metas, header) == want
+    write_shard(tmp_path / "a.tar", 90, [(rows[i], json.loads(metas[i])) for i in range(5)], header)
+    assert (tmp_path / "a.tar").read_bytes() == want
+    big = write_shard_rows(tmp_path / "b.tar", 90, np.zeros((9, 7), np.uint16), [b"{}"] * 9, header)
+    dig = write_shard_rows(tmp_path / "c.tar", 90, rows, metas, header)  # reuses the larger buffer
+    assert (tmp_path / "c.tar").read_bytes() == want and dig["bytes"] == len(want) and big["bytes"] > len(want)
+    import hashlib
+
+    assert dig["sha256"] == hashlib.sha256(want).hexdigest()

@@ -292,8 +292,9 @@ def sbatch_script(run_cfg: Any, overrides: list[str] | None = None) -> str:
     lines += [
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "export MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))",
-        f"export OMP_NUM_THREADS={c.cpus_per_task}",
     ]
+    if "OMP_NUM_THREADS" not in c.env:
+        lines.append(f"export OMP_NUM_THREADS={c.cpus_per_task}")
     args = [a for a in (overrides if overrides is not None else _current_overrides()) if not a.startswith("hydra.")]
     # one fixed run dir for all ranks and all requeued segments, so resume=auto finds the checkpoints
     args.append(f"out_dir=runs/{job}")

@@ -102,7 +102,8 @@ def chunked_mean_allreduce(
     Gradients are packed in parameter order into chunks of `chunk_numel` elements (a chunk may span several
     parameters, a parameter several chunks), summed with all_reduce, divided by the world size and copied back
     (up/down-casting as needed). The message size is min(chunk_numel, total gradient numel) for every
-    collective, the tail of the last one zero-filled, so all ranks send identical sizes every step.
+    collective, the tail of the last one zero-filled, so all ranks send identical sizes every step. A chunk
+    that lies entirely inside one fp32 gradient is reduced in place (a view; same size, no copies).
     """
     params = list(params)
     buffers = buffers if buffers is not None else ChunkBuffers()
@@ -117,45 +118,53 @@ def chunked_mean_allreduce(
     size = min(chunk_numel, total)
     bufs = buffers.get(size, grads[0].device)
 
-    cur, fill = 0, 0
+    cur, fill = 0, 0  # buffer being filled, elements in it
     pending: list[tuple[Tensor, int, int, int]] = []  # (flat grad, grad offset, buffer offset, length)
     inflight: tuple[Any, Tensor, list] | None = None
     collectives = 0
 
-    def finish(job: tuple[Any, Tensor, list]) -> None:
-        work, buf, slices = job
-        work.wait()
-        buf.div_(world)
-        for flat, off, at, take in slices:
-            flat[off : off + take].copy_(buf[at : at + take])
+    def copy_back(buf: Tensor, slices: list) -> None:
+        if not slices:  # the message was a view of one gradient: average in place
+            buf.div_(world)
+        for flat, off, at, take in slices:  # mean and downcast in one pass
+            torch.div(buf[at : at + take], world, out=flat[off : off + take])
 
-    def flush() -> None:
-        nonlocal cur, fill, pending, inflight, collectives
-        buf = bufs[cur]
-        if fill < size:
-            buf[fill:].zero_()
-        if inflight is not None:  # one collective in flight: finish the previous one first
-            finish(inflight)
-        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        inflight = (work, buf, pending)
+    def flush(message: Tensor, slices: list) -> None:
+        # Pipeline with one collective in flight: wait for the previous chunk, start this one, then copy the
+        # previous chunk back (and fill its buffer with the next chunk) while this one is being reduced.
+        nonlocal inflight, collectives
+        previous = inflight
+        if previous is not None:
+            previous[0].wait()
+        work = dist.all_reduce(message, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        inflight = (work, message, slices)
         collectives += 1
-        cur, fill, pending = 1 - cur, 0, []
+        if previous is not None:
+            copy_back(previous[1], previous[2])
 
     for g in grads:
         flat = g.view(-1)
         off = 0
         while off < flat.numel():
+            if fill == 0 and flat.dtype == torch.float32 and flat.numel() - off >= size:
+                # a whole chunk inside one fp32 gradient: reduce that slice itself (same size, no copies)
+                flush(flat[off : off + size], [])
+                off += size
+                continue
             take = min(size - fill, flat.numel() - off)
             bufs[cur][fill : fill + take].copy_(flat[off : off + take])
             pending.append((flat, off, fill, take))
             fill += take
             off += take
             if fill == size:
-                flush()
+                flush(bufs[cur], pending)
+                cur, fill, pending = 1 - cur, 0, []
     if fill > 0:
-        flush()
+        bufs[cur][fill:].zero_()
+        flush(bufs[cur], pending)
     if inflight is not None:
-        finish(inflight)
+        inflight[0].wait()
+        copy_back(inflight[1], inflight[2])
     return collectives
 
 

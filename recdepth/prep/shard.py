@@ -10,17 +10,21 @@ Unit = one shard: a rerun re-derives the (cheap, deterministic) packing and rewr
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tarfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recdepth.errors import DataError
 from recdepth.prep.config import PrepConfig, ShardConfig
@@ -28,7 +32,6 @@ from recdepth.prep.manifest import (
     UnitLog,
     atomic_write_bytes,
     atomic_write_json,
-    digests,
     finish_stage,
     read_manifest,
     sha256_json,
@@ -37,6 +40,7 @@ from recdepth.prep.manifest import (
 )
 
 SPLITS = ("train", "val")
+WRITER_THREADS = 2
 
 
 class Packer:
@@ -121,6 +125,183 @@ class Packer:
         self._discard()
 
 
+class StreamPacker:
+    """`Packer` over batches of documents at once, with the same rows, meta and counts (tested against it).
+
+    Under every policy the rows are the *kept* tokens in stream order cut every `row_len` tokens, and what a
+    document keeps is a prefix of it; so a batch is planned as integers (kept prefix per piece: arithmetic for
+    `carry`, a scalar scan for `huginn`/`truncate`) and materialised with one concatenate and a reshape.
+    Pieces not yet decided (the packer's buffer) carry over to the next batch.
+    """
+
+    def __init__(self, row_len: int, policy: str, pad_id: int, dtype: np.dtype, batch_docs: int = 0):
+        self.L, self.policy, self.pad_id, self.dtype = row_len, policy, pad_id, dtype
+        self.batch_docs = batch_docs
+        self.buf: list[tuple[np.ndarray, int, bool]] = []  # undecided pieces: tokens, source id, starts a doc
+        self.n = 0
+        self.last_sacred = False
+        self.docs_in_batch = 0
+        self.kept = self.discarded = self.padded = 0
+        self.discarded_by_source: dict[int, int] = {}
+
+    # planning ------------------------------------------------------------------------------------------------
+
+    def _plan_carry(self, lens: np.ndarray, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(kept prefix, visited) per piece when cutting as many full rows as possible (or `rows`)."""
+        pos = np.cumsum(lens) - lens
+        end = (int(lens.sum()) // self.L if rows is None else rows) * self.L
+        keep = np.clip(end - pos, 0, lens)
+        return keep, (keep > 0) | ((lens == 0) & (pos < end))
+
+    def _plan_scan(self, lens: list[int], src: list[int], sacred: list[bool], m: int, final: bool):
+        """The reference policy's decisions, piece by piece: kept prefix, visited, first undecided piece and
+        how much of it is already kept. Pieces [0, m) are the carried-over buffer."""
+        L, huginn = self.L, self.policy == "huginn"
+        keep, visited = [0] * len(lens), [False] * len(lens)
+        lo, used, n = 0, 0, self.n  # buffer = pieces [lo, hi), `used` tokens of piece lo already kept
+        last_sacred, in_batch, by_src = self.last_sacred, self.docs_in_batch, self.discarded_by_source
+        discarded = 0
+
+        def take(need: int) -> None:
+            nonlocal lo, used
+            while need > 0:
+                t = min(lens[lo] - used, need)
+                keep[lo] += t
+                visited[lo] = True
+                need -= t
+                if used + t == lens[lo]:
+                    lo, used = lo + 1, 0
+                else:
+                    used += t
+
+        def discard(hi: int) -> int:
+            nonlocal lo, used
+            total = 0
+            for j in range(lo, hi):
+                k = src[j]
+                left = lens[j] - (used if j == lo else 0)
+                by_src[k] = by_src.get(k, 0) + left
+                total += left
+            lo, used = hi, 0
+            return total
+
+        def flush(hi: int) -> None:
+            nonlocal n, discarded
+            if n < L:
+                return
+            if huginn and last_sacred:
+                k = n // L
+                take(k * L)
+                n -= k * L
+            else:
+                take(L)
+                n -= L
+                discarded += n
+                discard(hi)
+                n = 0
+
+        for j in range(m, len(lens)):
+            flush(j)
+            n += lens[j]
+            last_sacred = sacred[j] and huginn
+            in_batch += 1
+            if self.batch_docs and in_batch == self.batch_docs:
+                discarded += n
+                discard(j + 1)
+                n, in_batch = 0, 0
+        if final:
+            flush(len(lens))
+            discarded += n
+            discard(len(lens))
+            n = 0
+        self.n, self.last_sacred, self.docs_in_batch = n, last_sacred, in_batch
+        self.discarded += discarded
+        return np.asarray(keep, dtype=np.int64), np.asarray(visited, dtype=bool), lo, used
+
+    # materialising -------------------------------------------------------------------------------------------
+
+    def _rows(self, pieces: list[np.ndarray], src: np.ndarray, starts: np.ndarray, keep: np.ndarray,
+              visited: np.ndarray, pad: int = 0) -> tuple[np.ndarray, list[bytes]]:
+        """The rows made of the kept prefixes of `pieces` (+ `pad` pad ids), and each row's meta.json bytes."""
+        L = self.L
+        kept = [pieces[j][:k] for j, k in zip(np.flatnonzero(keep).tolist(), keep[keep > 0].tolist())]
+        if pad:
+            kept.append(np.full(pad, self.pad_id, dtype=self.dtype))
+        n_rows = (int(keep.sum()) + pad) // L
+        if not n_rows:
+            return np.zeros((0, L), dtype=self.dtype), []
+        flat = kept[0] if len(kept) == 1 else np.concatenate(kept)
+        rows = flat.reshape(n_rows, L)
+        pos = np.cumsum(keep) - keep
+        v = np.flatnonzero(visited)
+        first = pos[v] // L
+        last = np.maximum(first, (pos[v] + keep[v] - 1) // L)
+        span = last - first + 1
+        row_of = np.repeat(first, span) + np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)
+        src_of = np.repeat(src[v], span)
+        sv = v[starts[v]]
+        start_row, start_off = pos[sv] // L, pos[sv] % L
+        b_src = np.searchsorted(row_of, np.arange(n_rows + 1)).tolist()
+        b_start = np.searchsorted(start_row, np.arange(n_rows + 1)).tolist()
+        src_l, off_l = src_of.tolist(), start_off.tolist()
+        metas = []
+        for r in range(n_rows):
+            st = ",".join(map(str, off_l[b_start[r]:b_start[r + 1]]))
+            sr = ",".join(map(str, src_l[b_src[r]:b_src[r + 1]]))
+            metas.append(f'{{"doc_starts":[{st}],"source_ids":[{sr}]}}'.encode())
+        self.kept += n_rows * L - pad
+        self.padded += pad
+        return rows, metas
+
+    def _pieces(self, values, offsets, sources, sacred):
+        """Buffer pieces followed by the batch's documents: arrays of tokens, source ids, start flags, lengths."""
+        m = len(self.buf)
+        lens = np.diff(offsets).astype(np.int64)
+        starts = offsets[:-1].tolist()
+        pieces = [b[0] for b in self.buf] + [values[a:a + k] for a, k in zip(starts, lens.tolist())]
+        src = np.concatenate([np.array([b[1] for b in self.buf], dtype=np.int64), sources.astype(np.int64)])
+        is_start = np.concatenate([np.array([b[2] for b in self.buf], dtype=bool), np.ones(len(lens), bool)])
+        plens = np.concatenate([np.array([len(b[0]) for b in self.buf], dtype=np.int64), lens])
+        sac = [False] * m + sacred.tolist()
+        return m, pieces, src, is_start, plens, sac
+
+    def _rebuffer(self, pieces, src, is_start, lo: int, used: int) -> None:
+        self.buf = [(pieces[j][used:] if j == lo else pieces[j], int(src[j]), bool(is_start[j]) and not
+                     (j == lo and used)) for j in range(lo, len(pieces))]
+
+    def add(self, values: np.ndarray, offsets: np.ndarray, sources: np.ndarray, sacred: np.ndarray,
+            final: bool = False) -> tuple[np.ndarray, list[bytes]]:
+        """Feed documents `values[offsets[i]:offsets[i+1]]` (source ids, sacred flags); returns the rows that
+        became complete (after `finish` semantics too when `final`), as [rows, row_len] and meta.json bytes."""
+        m, pieces, src, is_start, lens, sac = self._pieces(values, offsets, sources, sacred)
+        if self.policy == "carry":
+            keep, visited = self._plan_carry(lens)
+            rows, metas = self._rows(pieces, src, is_start, keep, visited)
+            left = np.flatnonzero((keep < lens) | ((lens == 0) & ~visited))
+            lo = int(left[0]) if len(left) else len(pieces)
+            used = int(keep[lo]) if lo < len(pieces) else 0
+            self.n = int(lens.sum() - keep.sum())
+            self._rebuffer(pieces, src, is_start, lo, used)
+            if final:
+                if self.n:
+                    m, pieces, src, is_start, lens, _ = self._pieces(values[:0], offsets[:1], sources[:0], sacred[:0])
+                    pad = self.L - self.n
+                    keep, visited = self._plan_carry(lens, rows=1)
+                    last, meta = self._rows(pieces, src, is_start, keep, visited, pad=pad)
+                    rows, metas = np.concatenate([rows, last]), metas + meta
+                self.buf, self.n = [], 0
+            return rows, metas
+        keep, visited, lo, used = self._plan_scan(lens.tolist(), src.tolist(), sac, m, final)
+        rows, metas = self._rows(pieces, src, is_start, keep, visited)
+        self._rebuffer(pieces, src, is_start, lo, used)
+        return rows, metas
+
+    def finish(self) -> tuple[np.ndarray, list[bytes]]:
+        """End of stream (see `Packer.finish`)."""
+        empty = np.zeros(0, dtype=self.dtype)
+        return self.add(empty, np.zeros(1, dtype=np.int64), np.zeros(0, np.int64), np.zeros(0, bool), final=True)
+
+
 # ------------------------------------------------------------------------------------------------ tars
 
 
@@ -153,6 +334,77 @@ def _member(name: str, data: bytes) -> bytes:
     return bytes(h) + data + b"\0" * ((-len(data)) % tarfile.BLOCKSIZE)
 
 
+def _header(name: bytes, size_field: bytes) -> bytearray:
+    h = bytearray(_TEMPLATE)
+    h[0 : len(name)], h[124:136] = name, size_field
+    h[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(name) + sum(size_field))
+    return h
+
+
+def _shard_size(rows: np.ndarray, metas: list[bytes], npy_header: bytes) -> int:
+    B = tarfile.BLOCKSIZE
+    tok = len(npy_header) + rows.shape[1] * rows.dtype.itemsize
+    per_row = 2 * B + tok + (-tok) % B
+    return len(metas) * per_row + sum(len(m) + (-len(m)) % B for m in metas) + 2 * B
+
+
+def _fill_shard(buf: memoryview, first_key: int, rows: np.ndarray, metas: list[bytes], npy_header: bytes) -> int:
+    """Lay the tar of `rows` ([n, row_len]) and their meta.json bytes into `buf`, every byte written (pads
+    zeroed, so a reused buffer is fine); returns the size. The same bytes as `_member` one by one (USTAR,
+    mtime 0, mode 644, root, `{key:012d}` names in key order)."""
+    B = tarfile.BLOCKSIZE
+    row_bytes = rows.shape[1] * rows.dtype.itemsize
+    tok = len(npy_header) + row_bytes
+    tok_field, tok_pad = b"%011o\0" % tok, (-tok) % B
+    data = memoryview(np.ascontiguousarray(rows)).cast("B")
+    zeros = bytes(2 * B)
+    h, pos = len(npy_header), 0
+    for i, meta in enumerate(metas):
+        key = b"%012d" % (first_key + i)
+        buf[pos : pos + B] = _header(key + b".tokens.npy", tok_field)
+        pos += B
+        buf[pos : pos + h] = npy_header
+        buf[pos + h : pos + tok] = data[i * row_bytes : (i + 1) * row_bytes]
+        pos += tok
+        buf[pos : pos + tok_pad] = zeros[:tok_pad]
+        pos += tok_pad
+        m = len(meta)
+        buf[pos : pos + B] = _header(key + b".meta.json", b"%011o\0" % m)
+        pos += B
+        buf[pos : pos + m] = meta
+        pos += m
+        pad = (-m) % B
+        buf[pos : pos + pad] = zeros[:pad]
+        pos += pad
+    buf[pos : pos + 2 * B] = zeros
+    return pos + 2 * B
+
+
+def shard_bytes(first_key: int, rows: np.ndarray, metas: list[bytes], npy_header: bytes) -> bytes:
+    """The whole tar of `rows` and their meta.json bytes as one bytes object (see `_fill_shard`)."""
+    buf = bytearray(_shard_size(rows, metas, npy_header))
+    size = _fill_shard(memoryview(buf), first_key, rows, metas, npy_header)
+    return bytes(memoryview(buf)[:size])
+
+
+_BUFFERS = threading.local()
+
+
+def write_shard_rows(path: Path, first_key: int, rows: np.ndarray, metas: list[bytes], npy_header: bytes) -> dict:
+    """Build a shard in this thread's reused buffer (no fresh memory per shard), write it atomically (temp
+    name, rename) and return its {sha256, bytes} without reading it back."""
+    need = _shard_size(rows, metas, npy_header)
+    buf = getattr(_BUFFERS, "buf", None)
+    if buf is None or len(buf) < need:
+        buf = _BUFFERS.buf = bytearray(need + need // 8)
+    view = memoryview(buf)[: _fill_shard(memoryview(buf), first_key, rows, metas, npy_header)]
+    tmp = tmp_path_for(path)
+    with open(tmp, "wb") as f:
+        f.write(view)
+    os.replace(tmp, path)
+    return {"sha256": hashlib.sha256(view).hexdigest(), "bytes": len(view)}
+
+
 def write_shard(path: Path, first_key: int, rows: list[tuple[np.ndarray, dict]], npy_header: bytes) -> None:
     """An uncompressed WebDataset tar, deterministic to the byte (fixed mtime/owner, sorted member order)."""
     tmp = tmp_path_for(path)
@@ -168,8 +420,9 @@ def write_shard(path: Path, first_key: int, rows: list[tuple[np.ndarray, dict]],
 # ----------------------------------------------------------------------------------------------- stage
 
 
-def iter_documents(bucket_files: list[Path]) -> Iterator[tuple[np.ndarray, str]]:
-    """(token ids, source) of every document copy, bucket by bucket in order."""
+def iter_batches(bucket_files: list[Path], sources: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(token values, offsets, source ids) of each record batch of document copies, bucket by bucket in order."""
+    names = pa.array(sources, pa.string())
     for path in bucket_files:
         try:
             with pa.memory_map(str(path)) as src:
@@ -177,11 +430,12 @@ def iter_documents(bucket_files: list[Path]) -> Iterator[tuple[np.ndarray, str]]
                 for i in range(reader.num_record_batches):
                     batch = reader.get_batch(i)
                     col = batch.column("input_ids")
-                    offsets = col.offsets.to_numpy()
-                    values = col.values.to_numpy(zero_copy_only=False)
-                    sources = batch.column("source").to_pylist()
-                    for j, s in enumerate(sources):
-                        yield values[offsets[j]:offsets[j + 1]], s
+                    sid = pc.index_in(batch.column("source"), value_set=names)
+                    if sid.null_count:
+                        unknown = batch.column("source").filter(pc.is_null(sid))[0].as_py()
+                        raise DataError(f"{path}: source {unknown!r} is not in the tokenize manifest")
+                    yield (col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy(),
+                           sid.to_numpy(zero_copy_only=False).astype(np.int64))
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: unreadable or truncated bucket ({e}); rerun stage=shuffle") from e
 
@@ -197,21 +451,60 @@ def shard_split(cfg: PrepConfig, split: str, smn: dict, log: UnitLog, out: Path,
     buckets = [root / "shuffled" / split / f"bucket-{b:05d}.arrow" for b in range(n_b)]
     sources = sorted({u["unit"].split("/")[0] for u in read_manifest(root / "tokens", "tokenize")["units"]})
     sid = {s: i for i, s in enumerate(sources)}
-    sacred = {sid[s] for s in sc.sacred if s in sid}
-    packer = Packer(L, sc.policy, pad_id, dtype, sc.huginn_batch_docs)
+    is_sacred = np.zeros(len(sources) + 1, dtype=bool)
+    is_sacred[[sid[s] for s in sc.sacred if s in sid]] = True
+    packer = StreamPacker(L, sc.policy, pad_id, dtype, sc.huginn_batch_docs)
     header = _npy_header(dtype, L)
     split_dir = out / split
     split_dir.mkdir(parents=True, exist_ok=True)
     fp = {"shuffled": smn["fingerprint"]}
-    pending: list[tuple[np.ndarray, dict]] = []
+    R = sc.rows_per_shard
+    pending: list[tuple[np.ndarray, list[bytes]]] = []  # blocks of complete rows not yet in a shard
+    n_pending = 0
     shards: list[dict] = []
     stopped = False
 
+    def cut(n: int) -> tuple[np.ndarray, list[bytes]]:
+        """The first n pending rows, removed from `pending`."""
+        nonlocal n_pending
+        rows, metas, got = [], [], 0
+        while got < n:
+            r, m = pending[0]
+            k = min(n - got, len(m))
+            rows.append(r[:k])
+            metas += m[:k]
+            if k == len(m):
+                pending.pop(0)
+            else:
+                pending[0] = (r[k:], m[k:])
+            got += k
+        n_pending -= n
+        return (rows[0] if len(rows) == 1 else np.concatenate(rows)), metas
+
+    # shards are built, written and hashed by writer threads (file writes and sha256 release the GIL) while
+    # this thread packs; records are appended to the log strictly in shard order, each after its rename
+    inflight: deque = deque()  # (name, unit, rows, future or finished record), in shard order
+    n_shards = 0
+
+    def settle(block: bool) -> None:
+        while inflight and (block or not isinstance(inflight[0][3], Future) or inflight[0][3].done()):
+            name, unit, n_rows, job = inflight.popleft()
+            if isinstance(job, Future):
+                rec = {"unit": unit, "config_hash": log.config_hash, "inputs": fp,
+                       "outputs": {unit: job.result()}, "rows": n_rows}
+                with open(log.path, "a") as f:
+                    f.write(json.dumps(rec, sort_keys=True) + "\n")
+                log.records[unit] = rec
+            else:
+                rec = job
+            dig = rec["outputs"][unit]
+            shards.append({"name": name, "rows": n_rows, "bytes": dig["bytes"], "sha256": dig["sha256"]})
+
     def emit(final: bool) -> None:
-        nonlocal pending, stopped
-        while len(pending) >= sc.rows_per_shard or (final and pending):
-            k = len(shards)
-            rows, pending = pending[: sc.rows_per_shard], pending[sc.rows_per_shard:]
+        nonlocal stopped, n_shards
+        while n_pending >= R or (final and n_pending):
+            k = n_shards
+            rows, metas = cut(min(R, n_pending))
             name = f"{k:06d}.tar"
             unit = f"{split}/{name}"
             rec = log.done(unit, fp)
@@ -220,29 +513,36 @@ def shard_split(cfg: PrepConfig, split: str, smn: dict, log: UnitLog, out: Path,
                     stopped = True
                     return
                 remaining[0] -= 1
-                write_shard(split_dir / name, k * sc.rows_per_shard, rows, header)
-                rec = {"unit": unit, "config_hash": log.config_hash, "inputs": fp,
-                       "outputs": digests(out, [split_dir / name]), "rows": len(rows)}
-                with open(log.path, "a") as f:
-                    f.write(json.dumps(rec, sort_keys=True) + "\n")
-                log.records[unit] = rec
-            dig = rec["outputs"][unit]
-            shards.append({"name": name, "rows": len(rows), "bytes": dig["bytes"], "sha256": dig["sha256"]})
+                rec = pool.submit(write_shard_rows, split_dir / name, k * R, rows, metas, header)
+            inflight.append((name, unit, len(metas), rec))
+            n_shards += 1
+            settle(block=len(inflight) > 2 * WRITER_THREADS)
 
     from tqdm import tqdm
 
     n_docs = 0
-    for ids_, source in tqdm(iter_documents(buckets), desc=f"shard {split}", disable=not cfg.progress,
-                             unit="doc", total=smn["totals"][f"{split}_copies"]):
-        s = sid[source]
-        pending.extend(packer.feed(ids_, s, s in sacred))
-        n_docs += 1
-        if len(pending) >= sc.rows_per_shard:
-            emit(False)
-            if stopped:
-                return {}
-    pending.extend(packer.finish())
-    emit(True)
+    with ThreadPoolExecutor(WRITER_THREADS) as pool, tqdm(
+            desc=f"shard {split}", disable=not cfg.progress, unit="doc", total=smn["totals"][f"{split}_copies"]) as bar:
+        try:
+            for values, offsets, source_ids in iter_batches(buckets, sources):
+                rows, metas = packer.add(values, offsets, source_ids, is_sacred[source_ids])
+                if metas:
+                    pending.append((rows, metas))
+                    n_pending += len(metas)
+                n_docs += len(source_ids)
+                bar.update(len(source_ids))
+                if n_pending >= R:
+                    emit(False)
+                    if stopped:
+                        break
+            if not stopped:
+                rows, metas = packer.finish()
+                if metas:
+                    pending.append((rows, metas))
+                    n_pending += len(metas)
+                emit(True)
+        finally:
+            settle(block=True)
     if stopped:
         return {}
     rows = sum(s["rows"] for s in shards)

@@ -49,6 +49,58 @@ def _write_ipc(path: Path, schema: pa.Schema, batches: list[pa.RecordBatch]) -> 
     os.replace(tmp, path)
 
 
+def _list_parts(chunks: list) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """The values of list arrays (one per chunk) and, per row over all chunks: chunk, start in it, length."""
+    vals, part, start, length = [], [], [], []
+    for k, arr in enumerate(chunks):
+        offsets = arr.offsets.to_numpy().astype(np.int64)
+        vals.append(arr.values.to_numpy(zero_copy_only=False))
+        part.append(np.full(len(arr), k, dtype=np.int64))
+        start.append(offsets[:-1])
+        length.append(np.diff(offsets))
+    if not vals:
+        return [], *(np.zeros(0, dtype=np.int64) for _ in range(3))
+    return vals, np.concatenate(part), np.concatenate(start), np.concatenate(length)
+
+
+def _gather_lists(parts: tuple, rows: np.ndarray, list_type: pa.DataType, dtype: np.dtype) -> pa.ListArray:
+    """The lists at `rows` (indices over all chunks), in that order, as one list array: the result of
+    `take`, built by copying each list's slice once (many times faster than Arrow's take for long lists)."""
+    vals, part, start, length = parts
+    p, s, n = part[rows], start[rows], length[rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(n, out=offsets[1:])
+    if len(rows) and len(vals) == 1:
+        v = vals[0]
+        values = np.concatenate([v[a:b] for a, b in zip(s.tolist(), (s + n).tolist())])
+    elif len(rows):
+        values = np.concatenate([vals[k][a:b] for k, a, b in zip(p.tolist(), s.tolist(), (s + n).tolist())])
+    else:
+        values = np.zeros(0, dtype=dtype)
+    if offsets[-1] >= 2**31:
+        raise DataError(f"{offsets[-1]} tokens in one list column exceed the int32 offsets of {list_type}")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values), type=list_type)
+
+
+def _take_small(col: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
+    """`take` of a narrow column (ids, sources) as one array."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return arr.take(pa.array(rows, type=pa.int64()))
+
+
+def _copies(sub_sources: pa.Array, doc_ids: pa.Array, weights: dict, seed: int) -> np.ndarray:
+    """⌊w⌋ plus one more copy with probability frac(w), w the weight of each document's source."""
+    enc = pc.dictionary_encode(sub_sources)
+    per = np.array([weights.get(x, 1.0) for x in enc.dictionary.to_pylist()], dtype=np.float64)
+    w = per[enc.indices.to_numpy(zero_copy_only=False)] if len(per) else np.zeros(0)
+    base = np.floor(w)
+    copies = base.astype(np.int64)
+    if np.any(w != base):  # integer weights need no draw: u < 0 never holds
+        u = keyed_uniform(seed, "upsample", doc_ids.to_pylist())
+        copies += u < w - base
+    return copies
+
+
 def scatter_unit(args: tuple) -> dict:
     """Pass 1: one token file → `_scatter/{split}/part-*.arrow`, batch b holding the copies sent to bucket b."""
     src, stage_dir, rel, unit_index, n_buckets, weights, seed = args
@@ -58,36 +110,40 @@ def scatter_unit(args: tuple) -> dict:
         raise DataError(f"{src}: unreadable or truncated token parquet ({e})") from e
     outs, counts = [], {}
     split_col = table.column("split").to_numpy()
+    ids_field = table.schema.field("input_ids")
+    dtype = np.dtype(ids_field.type.value_type.to_pandas_dtype())
+    parts = _list_parts(table.column("input_ids").chunks)
+    schema = table.select(COLUMNS).schema.append(pa.field("copy", pa.uint16()))
+    doc_col, src_col = table.column("doc_id").combine_chunks(), table.column("source").combine_chunks()
     for s, split in enumerate(SPLITS):
         idx = np.flatnonzero(split_col == s)
-        sub = table.take(pa.array(idx)).select(COLUMNS)
-        if split == "train" and len(sub):
-            sources = sub.column("source").to_pylist()
-            w = np.array([weights.get(x, 1.0) for x in sources])
-            u = keyed_uniform(seed, "upsample", sub.column("doc_id").to_pylist())
-            copies = np.floor(w).astype(np.int64) + (u < w - np.floor(w))
+        if split == "train" and len(idx):
+            ix = pa.array(idx, type=pa.int64())
+            copies = _copies(src_col.take(ix), doc_col.take(ix), weights, seed)
         else:
-            copies = np.ones(len(sub), dtype=np.int64)
-        rows = np.repeat(np.arange(len(sub)), copies)
+            copies = np.ones(len(idx), dtype=np.int64)
+        rows = np.repeat(np.arange(len(idx)), copies)
         copy_no = np.arange(len(rows)) - np.repeat(np.cumsum(copies) - copies, copies)
         nb = n_buckets[split]
         bucket = rng(seed, "bucket", split, unit_index).integers(0, nb, size=len(rows))
         order = np.argsort(bucket, kind="stable")
-        expanded = sub.take(pa.array(rows[order])).append_column("copy", pa.array(copy_no[order].astype(np.uint16)))
-        bounds = np.searchsorted(bucket[order], np.arange(nb + 1))
-        batches = [expanded.slice(bounds[b], bounds[b + 1] - bounds[b]).combine_chunks().to_batches(
-            max_chunksize=max(1, int(bounds[b + 1] - bounds[b])))
-            for b in range(nb)]
-        schema = expanded.schema
-        flat = [bs[0] if bs else pa.RecordBatch.from_pylist([], schema=schema) for bs in batches]
+        take = idx[rows[order]]
+        batch = pa.RecordBatch.from_arrays([
+            _take_small(doc_col, take), _take_small(src_col, take), _gather_lists(parts, take, ids_field.type, dtype),
+            pa.array(copy_no[order].astype(np.uint16)),
+        ], schema=schema)  # fmt: skip
+        bounds = np.searchsorted(bucket[order], np.arange(nb + 1)).tolist()
+        flat = [batch.slice(bounds[b], bounds[b + 1] - bounds[b]) if bounds[b + 1] > bounds[b]
+                else pa.RecordBatch.from_pylist([], schema=schema) for b in range(nb)]
         out = Path(stage_dir) / "_scatter" / split / rel.replace("/", "__").replace(".parquet", ".arrow")
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_ipc(out, schema, flat)
         outs.append(out)
-        counts[f"{split}_docs"] = len(sub)
+        counts[f"{split}_docs"] = len(idx)
         counts[f"{split}_copies"] = len(rows)
-        counts[f"{split}_tokens"] = int(pc.sum(pc.list_value_length(expanded.column("input_ids"))).as_py() or 0)
-    del table, sub, expanded, batches, flat
+        counts[f"{split}_tokens"] = int(parts[3][take].sum())
+        del batch, flat
+    del table, parts, doc_col, src_col
     pa.default_memory_pool().release_unused()  # keep the peak at one unit, not the allocator's high-water mark
     return {"outputs": digests(stage_dir, outs), **counts, "quarantine": []}
 
@@ -99,20 +155,32 @@ def bucket_unit(args: tuple) -> dict:
     for f in scatter_files:
         with pa.memory_map(f) as src:
             parts.append(pa.ipc.open_file(src).get_batch(b))
-    table = pa.Table.from_batches(parts).combine_chunks() if parts else None
-    n = 0 if table is None else table.num_rows
+    n = sum(p.num_rows for p in parts)
     out = Path(stage_dir) / split / f"bucket-{b:05d}.arrow"
     out.parent.mkdir(parents=True, exist_ok=True)
     if n:
+        schema = parts[0].schema
+        ids_field = schema.field("input_ids")
+        dtype = np.dtype(ids_field.type.value_type.to_pandas_dtype())
         perm = rng(seed, "permute", split, b).permutation(n)
-        table = table.take(pa.array(perm)).combine_chunks()
-        _write_ipc(out, table.schema, table.to_batches(max_chunksize=8192))
-        tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py())
+        nonempty = [p for p in parts if p.num_rows]
+        cols = []
+        for name in schema.names:
+            if name == "input_ids":
+                lists = _list_parts([p.column(name) for p in nonempty])
+                cols.append(_gather_lists(lists, perm, ids_field.type, dtype))
+                tokens = int(lists[3].sum())
+            else:
+                cols.append(_take_small(pa.chunked_array([p.column(name) for p in nonempty], schema.field(name).type),
+                                        perm))
+        batch = pa.RecordBatch.from_arrays(cols, schema=schema)
+        _write_ipc(out, schema, [batch.slice(i, 8192) for i in range(0, n, 8192)])
+        del batch, cols, lists
     else:
         schema = pa.ipc.open_file(pa.memory_map(scatter_files[0])).schema if scatter_files else None
         _write_ipc(out, schema or pa.schema([]), [])
         tokens = 0
-    del table, parts
+    del parts
     pa.default_memory_pool().release_unused()
     return {"outputs": digests(stage_dir, [out]), "split": split, "copies": n, "tokens": tokens, "quarantine": []}
 

@@ -7,6 +7,7 @@ vocabulary fits (the reference format), else uint32; asking for uint16 with a la
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -52,20 +53,27 @@ def token_schema(dtype: np.dtype) -> pa.Schema:
 
 
 def _tokenizer(path: str):
-    if path not in _TOKENIZERS:
+    """The parsed tokenizer of `path`, cached per process and keyed by the file's identity, so a rewritten
+    tokenizer.json (a rerun of stage=tokenizer in the same process) is never served stale."""
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+    if key not in _TOKENIZERS:
         from tokenizers import Tokenizer
 
-        _TOKENIZERS[path] = Tokenizer.from_file(path)
-    return _TOKENIZERS[path]
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = Tokenizer.from_file(path)
+    return _TOKENIZERS[key]
 
 
 def encode_ids(tok, texts: list[str], dtype: np.dtype, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(flat ids, offsets) of texts encoded with BOS/EOS; ids beyond `dtype` raise naming `where`."""
     encs = tok.encode_batch(texts, add_special_tokens=True)
-    lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-    offsets = np.zeros(len(encs) + 1, dtype=np.int32 if lens.sum() < 2**31 else np.int64)
+    ids = [e.ids for e in encs]
+    del encs  # the Encodings (tokens, offsets, masks) are the bulk of the memory: free them early
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32 if lens.sum() < 2**31 else np.int64)
     np.cumsum(lens, out=offsets[1:])
-    flat = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(offsets[-1]))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(offsets[-1]))
     if flat.size and int(flat.max()) > np.iinfo(dtype).max:
         raise DataError(f"{where}: token id {int(flat.max())} does not fit {dtype.name}")
     return flat.astype(dtype), offsets
@@ -90,7 +98,7 @@ def tokenize_unit(args: tuple) -> dict:
             flat, offsets = encode_ids(tok, texts, dtype, src)
             lens = np.diff(offsets)
             split = (keyed_uniform(seed, "split", ids) < val_fraction).astype(np.int8)
-            values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+            values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))  # zero-copy views of both
             w.write_table(pa.table({
                 "doc_id": batch.column("doc_id"), "source": batch.column("source"), "split": split,
                 "n_tokens": lens.astype(np.uint32), "input_ids": values,
@@ -115,6 +123,7 @@ def run_tokenize(cfg: PrepConfig) -> dict | None:
     config = {"tokenize": cfg.to_dict()["tokenize"], "seed": cfg.seed}
     log = UnitLog(out, "tokenize", sha256_json(config), resume=cfg.resume)
     tok_path = str(root / "tokenizer" / "tokenizer.json")
+    _tokenizer(tok_path)  # parsed once here and inherited by forked workers (loading uses no thread pool)
     tasks = []
     for u in docs["units"]:
         for rel in u["outputs"]:
