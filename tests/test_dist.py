@@ -115,6 +115,10 @@ def _fabric_worker(fabric, scenarios: list[tuple[str, int | None, int]], out_fil
     # so a large return value would block the worker forever
     if rank == 0:
         torch.save(results, out_file)
+    # tear down explicitly: gloo/DDP threads still alive at interpreter exit can abort the process
+    del model, opt
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _launch(parallelism: str, scenarios: list, tmp_path: Path) -> dict:

@@ -142,6 +142,10 @@ def _train_process(fabric, cfg: RunConfig, run_dir: Path, start: Path | None, co
         fabric.print(f"run dir: {run_dir}  |  {module.num_params():,} parameters  |  "
                      f"tensorboard --logdir {run_dir / 'tensorboard'}")
     reason = trainer.fit()
+    if torch.distributed.is_initialized():
+        # an orderly teardown: communicator threads alive at interpreter exit can abort the process
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
     if reason == "preempted":
         preempt.hand_off()
     return reason
