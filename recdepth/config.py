@@ -140,9 +140,7 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float = 1.0
     log_every: int = 10  # optimizer steps
-    skip_nonfinite_grads: bool = True
-    max_nonfinite_in_row: int = 5  # stop (with a checkpoint) after this many skipped steps in a row
-    allow_nonfinite_loss: bool = False
+    max_nonfinite_in_row: int = 5  # non-finite loss/grad steps are skipped; stop (with a checkpoint) after this many in a row
     loss_guard_tokens: float = 10e9  # guardrail: stop if loss > loss_guard_max after this many tokens
     loss_guard_max: float = 0.0  # 0 disables the guardrail
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device, else MFU absent

@@ -186,3 +186,31 @@ def test_checkpoint_of_another_shape_is_refused_and_kept(tmp_path, cache_dir):
     assert "Traceback" not in res.stderr
     assert {p.name: p.read_bytes() for p in ck.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005"]
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    # an absurd learning rate drives the weights to inf within a few steps
+    res = cli([f"out_dir={out}", "optim.lr=1e30", "optim.warmup_steps=0", "optim.cooldown_steps=0",
+               "train.grad_clip=0", "train.max_steps=50", "train.max_nonfinite_in_row=3", "eval.every=0",
+               "checkpoint.every=0", "train.log_every=1"], cache_dir)
+    assert res.returncode != 0
+    assert "3 optimizer steps in a row had a non-finite loss or gradient" in res.stderr
+    assert "Traceback" not in res.stderr
+    saved = ckpt_steps(out)
+    assert len(saved) == 1 and saved[0] < 50
+    rows = train_rows(out)
+    assert rows[saved[0]]["optim/skipped_steps"] >= 3
+
+
+def test_loss_guardrail_stops_with_a_checkpoint(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    res = cli([f"out_dir={out}", "train.loss_guard_max=1.0", "train.loss_guard_tokens=0", "train.max_steps=20",
+               "train.log_every=2", "eval.every=0"], cache_dir)
+    assert res.returncode != 0
+    assert "train.loss_guard_max=1.0" in res.stderr
+    assert ckpt_steps(out) == [2]
+
+
+def ckpt_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())

@@ -165,12 +165,10 @@ class Trainer:
             if telemetry and last:
                 window.telemetry = {k2: v for k2, v in out.stats.items() if not k2.startswith("num_steps")}
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = float(self.fabric.clip_gradients(self.model, self.optimizer, max_norm=clip))
+        grad_norm = float(self.fabric.clip_gradients(self.model, self.optimizer, max_norm=clip, error_if_nonfinite=False))
         if telemetry:
             window.telemetry.update(grad_scalars(self.module))
-        applied = finite_loss and math.isfinite(grad_norm)
-        if not finite_loss and not self.cfg.train.allow_nonfinite_loss:
-            applied = False
+        applied = finite_loss and math.isfinite(grad_norm)  # else skip the update, count, zero the grads
         if applied:
             self.optimizer.step()
             self.state.nonfinite_in_row = 0

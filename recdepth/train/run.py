@@ -55,20 +55,26 @@ def resume_path(cfg: RunConfig, run_dir: Path) -> Path | None:
                 "or another out_dir, so nothing is overwritten"
             )
         return None
-    if cfg.resume == "auto":
-        return ckpt.latest_checkpoint(run_dir / "checkpoints")
-    path = Path(cfg.resume)
-    state = ckpt.read_trainer_state(path)
-    ckpt.check_compatible(path, state, cfg.model, cfg.cluster.devices * cfg.cluster.num_nodes)
+    path = ckpt.latest_checkpoint(run_dir / "checkpoints") if cfg.resume == "auto" else Path(cfg.resume)
+    if path is not None:  # refuse another shape or world size before anything is written
+        ckpt.check_compatible(path, ckpt.read_trainer_state(path), cfg.model, cfg.cluster.devices * cfg.cluster.num_nodes)
     return path
 
 
 def main(dcfg: DictConfig) -> None:
     """Entry point of run.py: errors in the input end the job with one line and a non-zero exit."""
+    from torch.multiprocessing import ProcessRaisedException
+
     try:
         train(dcfg)
     except RecdepthError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except ProcessRaisedException as exc:  # a spawned rank failed; its traceback is in the message
+        last = [line for line in str(exc).splitlines() if line.strip()][-1]
+        if not last.startswith("recdepth.errors."):
+            raise
+        print(f"error (rank {exc.error_index}): {last.split(': ', 1)[-1]}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -81,9 +87,6 @@ def train(dcfg: DictConfig) -> str:
         return "planned"
     run_dir = run_dir_of(cfg)
     start = resume_path(cfg, run_dir)
-    if start is not None and cfg.resume == "auto":
-        state = ckpt.read_trainer_state(start)
-        ckpt.check_compatible(start, state, cfg.model, cfg.cluster.devices * cfg.cluster.num_nodes)
     config_yaml = OmegaConf.to_yaml(dcfg, resolve=True)
     # the data is prepared once here (e.g. the sample corpus), before any worker process starts
     from recdepth.data import prepare_data
