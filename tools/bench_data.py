@@ -87,9 +87,9 @@ def bench_tokenize(out: dict, tmp: Path, reps: int = 3) -> None:
     from recdepth.data.sample import sample_overrides, stdlib_files
     from recdepth.prep import prepare
 
-    files = stdlib_files(4.0)
+    files = stdlib_files(12.0)
     over = sample_overrides(files, 4096, 256, workers=2)
-    over["ingest"]["files_per_unit"] = 16
+    over["ingest"]["files_per_unit"] = 32
     prepare(str(tmp / "tk"), stages=("ingest", "tokenizer"), **over)
     texts = [t for f in sorted((tmp / "tk" / "docs" / "stdlib").glob("*.parquet"))
              for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
