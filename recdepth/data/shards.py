@@ -72,7 +72,7 @@ def load_index(path: str | Path, split: str) -> ShardIndex:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"{idx}: malformed shard index ({type(e).__name__}: {e})") from e
     if not out.shards or out.rows == 0:
-        raise DataError(f"{d}: index.json lists no rows for split {split!r}; expected at least one non-empty shard")
+        raise DataError(f"{d}: index.json lists no rows for split {split!r}; expected at least one non-empty shard (for a small corpus raise tokenize.val_fraction when preparing it)")
     return out
 
 

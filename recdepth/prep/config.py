@@ -145,7 +145,7 @@ class ShardConfig:
     """Pack documents into block_size+1 rows and write fixed-size WebDataset tar shards."""
 
     block_size: int = 4096
-    policy: str = "huginn"  # huginn | carry | truncate
+    policy: str = "carry"  # carry (no loss) | huginn (the reference, drops overflow) | truncate
     rows_per_shard: int = 1024
     sacred: list[str] = dc.field(default_factory=list)  # sources whose overflow is carried (policy huginn)
     huginn_batch_docs: int = 0  # >0: emulate the reference's per-batch tail loss every this many documents
