@@ -145,3 +145,23 @@ def test_sweep_through_submitit_local(tmp_path, cache_dir):
         assert list((job / "tensorboard").glob("events.out.tfevents.*"))
         assert (job / "checkpoints" / "step-00000004" / "COMPLETE").exists()
         assert f"mean: {mean}" in (job / "checkpoints" / "step-00000004" / "config.yaml").read_text()
+
+
+def test_sharded_optimizer_state_matches_replicated_and_resumes(tmp_path, cache_dir):
+    common = ["train.max_steps=6", "train.log_every=1", "eval.every=0", "checkpoint.every=3", "optim=ellis_adam",
+              "optim.warmup_steps=2", "optim.cooldown_steps=2"]
+    runs = {}
+    for shard in ("world", "none"):
+        out = tmp_path / shard
+        res = cli([f"out_dir={out}", *DIST, *common, f"optim.shard={shard}"], cache_dir)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[shard] = _weights(out, 6)
+    a, b = runs["world"], runs["none"]
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    # the consolidated optimizer state of step 3 resumes to the same step-6 weights
+    resumed = tmp_path / "resumed"
+    res = cli([f"out_dir={resumed}", *DIST, *common, "optim.shard=world",
+               f"resume={tmp_path / 'world' / 'checkpoints' / 'step-00000003'}"], cache_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = _weights(resumed, 6)
+    assert all(torch.equal(a[k], c[k]) for k in a)

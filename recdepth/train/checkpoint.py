@@ -2,7 +2,7 @@
 
     <run_dir>/checkpoints/step-<optimizer_step:08d>/
         model.safetensors       clean huginn-0125 keys, fp32 (tied head stored once)
-        optim/rank-<r>.pt       optimizer state (rank 0 only unless the state is sharded)
+        optim/rank-0.pt         optimizer state (a sharded state is consolidated on rank 0 first)
         data/rank-<r>.json      data-stream position of this rank
         rng/rank-<r>.pt         torch RNG states of this rank
         trainer.json            counters, world size, model shape, data fingerprint, config hash
@@ -94,7 +94,6 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     data_state: dict[str, Any],
     config_yaml: str,
-    sharded_optimizer: bool = False,
 ) -> Path:
     """Write checkpoint `step` atomically on every rank; returns the final directory."""
     rank, world = fabric.global_rank, fabric.world_size
@@ -113,8 +112,10 @@ def save_checkpoint(
                        model_shape=model_shape(model.cfg))
         _fsync_write(tmp / "trainer.json", json.dumps(trainer, indent=2, sort_keys=True).encode())
         _fsync_write(tmp / "config.yaml", config_yaml.encode())
-    if rank == 0 or sharded_optimizer:
-        torch.save(optimizer.state_dict(), tmp / "optim" / f"rank-{rank}.pt")
+    # every rank calls state_dict(): Fabric gathers a sharded (ZeRO) state on rank 0 collectively
+    optim_state = optimizer.state_dict()
+    if rank == 0:
+        torch.save(optim_state, tmp / "optim" / "rank-0.pt")
     _fsync_write(tmp / "data" / f"rank-{rank}.json", json.dumps(data_state, sort_keys=True).encode())
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank-{rank}.pt")
     for sub in ("optim", "data", "rng"):
@@ -165,7 +166,7 @@ def check_compatible(path: Path, state: dict[str, Any], cfg: ModelConfig, world_
 
 
 def load_checkpoint(
-    path: Path, *, fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded_optimizer: bool = False
+    path: Path, *, fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights, optimizer and RNG state into this rank; returns (trainer_state, data_state)."""
     path = Path(path)
@@ -176,8 +177,8 @@ def load_checkpoint(
     if getattr(model.cfg, "tie_embeddings", False):
         weights["lm_head.weight"] = weights["transformer.wte.weight"]
     model.load_state_dict(weights, strict=True)
-    optim_file = path / "optim" / f"rank-{rank if sharded_optimizer else 0}.pt"
-    optimizer.load_state_dict(torch.load(optim_file, map_location="cpu", weights_only=True))
+    # the full state (a sharded optimizer keeps its own partition of it)
+    optimizer.load_state_dict(torch.load(path / "optim" / "rank-0.pt", map_location="cpu", weights_only=True))
     rng = torch.load(path / "rng" / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
     torch.set_rng_state(rng["torch"])
     data_file = path / "data" / f"rank-{rank}.json"

@@ -233,25 +233,24 @@ def _fused_ok(params: list[Tensor]) -> bool:
     return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg.name` over `param_groups(model, cfg)`; groups keep "name" and "base_lr"."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_group: Any = None) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg.name` over `param_groups(model, cfg)`; groups keep "name" and "base_lr".
+
+    With `shard_group` (a process group, `optim.shard=node|world`) the state is partitioned over its ranks by
+    parameter bytes (torch's ZeroRedundancyOptimizer); the schedule sets the LR on the local groups that do
+    the update (see `schedule.apply_lr`), and gradients stay fully all-reduced as in the reference.
+    """
     groups = param_groups(model, cfg)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if cfg.name == "adamw":
         params = [p for g in groups for p in g["params"]]
         # the fused kernel exists on CPU and CUDA and is the fastest; elsewhere torch picks foreach/for-loop
-        fused = True if _fused_ok(params) else None
-        return torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
-        )
-    if cfg.name == "ellis_adam":
-        return ELLISAdam(
-            groups,
-            lr=cfg.lr,
+        cls: type = torch.optim.AdamW
+        kwargs: dict[str, Any] = {"fused": True if _fused_ok(params) else None}
+    elif cfg.name == "ellis_adam":
+        cls = ELLISAdam
+        kwargs = dict(
             init_lr=cfg.lr,
-            betas=betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
             decouple_wd=cfg.decouple_wd,
             atan_adam=cfg.atan_adam,
             update_clipping=cfg.update_clipping,
@@ -263,4 +262,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             kahan_sum=cfg.kahan_sum,
             buffer_dtype=cfg.buffer_dtype,
         )
-    raise ConfigError(f"optim.name={cfg.name!r} is invalid: expected one of adamw, ellis_adam")
+    else:
+        raise ConfigError(f"optim.name={cfg.name!r} is invalid: expected one of adamw, ellis_adam")
+    kwargs.update(lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if shard_group is None:
+        return cls(groups, **kwargs)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=shard_group, **kwargs)

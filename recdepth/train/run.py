@@ -32,6 +32,9 @@ def validate(dcfg: DictConfig) -> RunConfig:
     from recdepth.train.schedule import validate_schedule
 
     validate_parallel(cfg)
+    if cfg.optim.shard != "none" and cfg.parallelism.name not in ("ddp", "chunked_ddp"):
+        raise ConfigError(f"optim.shard={cfg.optim.shard!r} needs parallelism=ddp or chunked_ddp "
+                          f"(parallelism={cfg.parallelism.name}); fsdp shards optimizer state by itself")
     validate_schedule(cfg.optim, cfg.train.max_steps)
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume!r} is invalid: expected auto, never or an existing checkpoint dir")
@@ -96,6 +99,16 @@ def train(dcfg: DictConfig) -> str:
     return fabric.launch(_train_process, cfg, run_dir, start, config_yaml)
 
 
+def _shard_group(cfg: RunConfig, fabric):
+    """The process group over which optimizer state is partitioned (optim.shard), or None."""
+    if cfg.optim.shard == "none" or fabric.world_size == 1:
+        return None
+    if cfg.optim.shard == "world":
+        return torch.distributed.group.WORLD
+    group, _ = torch.distributed.new_subgroups(group_size=cfg.cluster.devices)  # this node's ranks
+    return group
+
+
 def _train_process(fabric, cfg: RunConfig, run_dir: Path, start: Path | None, config_yaml: str) -> str:
     from lightning_fabric.loggers import TensorBoardLogger
 
@@ -120,7 +133,7 @@ def _train_process(fabric, cfg: RunConfig, run_dir: Path, start: Path | None, co
     module.rank = fabric.global_rank
     if cfg.train.compile:
         module.compile_blocks()
-    optimizer = build_optimizer(module, cfg.optim)
+    optimizer = build_optimizer(module, cfg.optim, shard_group=_shard_group(cfg, fabric))
     model, optimizer = fabric.setup(module, optimizer)
 
     logger = None
