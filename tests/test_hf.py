@@ -25,13 +25,7 @@ TINY = ModelConfig(
 REC = RecurrenceConfig(scheme="poisson-lognormal-filling", mean=4, backprop_depth=2, lockstep=False, seed=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads stall on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def yaml_cfg(group: str, name: str) -> dict:

@@ -152,12 +152,16 @@ class UnitLog:
         for p in outputs:
             p = Path(p)
             outs[str(p.relative_to(self.dir))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        rec = {"unit": unit, "config_hash": self.config_hash, "inputs": inputs_fp, "outputs": outs, **counts}
+        return self.append({"unit": unit, "config_hash": self.config_hash, "inputs": inputs_fp, "outputs": outs,
+                            **counts})
+
+    def append(self, rec: dict) -> dict:
+        """Durably append one unit's record (one fsynced JSON line) and remember it."""
         with open(self.path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.records[unit] = rec
+        self.records[rec["unit"]] = rec
         return rec
 
 
@@ -271,13 +275,7 @@ def run_units(
 
     def _record(unit: str, fp: Any, res: dict) -> None:
         outs = res.pop("outputs")
-        rec = {"unit": unit, "config_hash": log.config_hash, "inputs": fp, "outputs": outs, **res}
-        with open(log.path, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        log.records[unit] = rec
-        records[unit] = rec
+        records[unit] = log.append({"unit": unit, "config_hash": log.config_hash, "inputs": fp, "outputs": outs, **res})
         bar.update(1)
 
     if workers <= 1 or len(todo) <= 1:
