@@ -28,10 +28,13 @@ def validate(dcfg: DictConfig) -> RunConfig:
         if isinstance(cause, RecdepthError):
             raise cause from None
         raise ConfigError(str(exc).splitlines()[0]) from None
-    from recdepth.dist.cluster import validate_parallel
+    from recdepth.dist.cluster import needs_dry_run, validate_parallel
     from recdepth.train.schedule import validate_schedule
 
     validate_parallel(cfg)
+    if cfg.parallelism.name == "fsdp" and not (torch.cuda.is_available() or cfg.dry_run or needs_dry_run(cfg)):
+        raise ConfigError("parallelism=fsdp needs GPUs (torch FSDP has no CPU backend); "
+                          "on CPU use parallelism=ddp or chunked_ddp")
     if cfg.optim.shard != "none" and cfg.parallelism.name not in ("ddp", "chunked_ddp"):
         raise ConfigError(f"optim.shard={cfg.optim.shard!r} needs parallelism=ddp or chunked_ddp "
                           f"(parallelism={cfg.parallelism.name}); fsdp shards optimizer state by itself")
