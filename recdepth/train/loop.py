@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from recdepth.config import RunConfig
-from recdepth.errors import TrainingError
+from recdepth.errors import CheckpointError, TrainingError
 from recdepth.train import checkpoint as ckpt
 from recdepth.train.evaluate import depth_table, eval_depths, evaluate, save_depth_curve
 from recdepth.train.metrics import (
@@ -98,6 +98,7 @@ class Trainer:
         self._flop_cache: dict[tuple[int, int, int], tuple[float, float]] = {}
         self._saved_step = -1
         self.last_draw = (0, 0)
+        self.last_lr = 0.0
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -105,8 +106,6 @@ class Trainer:
         trainer_state, data_state = ckpt.load_checkpoint(path, fabric=self.fabric, model=self.module,
                                                          optimizer=self.optimizer)
         if trainer_state.get("data_fingerprint") != self.data.fingerprint:
-            from recdepth.errors import CheckpointError
-
             raise CheckpointError(
                 f"checkpoint {path} was written for data {trainer_state.get('data_fingerprint')!r}, this run reads "
                 f"{self.data.fingerprint!r}; resume with the same data config or start a new run dir"
@@ -145,7 +144,8 @@ class Trainer:
         """One optimizer step over `batches` (one per micro-step). Returns (grad_norm, update_applied)."""
         t = self.state.step + 1
         gas = len(batches)
-        apply_lr(self.optimizer, lr_at(t, self.cfg.optim, self.cfg.train.max_steps))
+        self.last_lr = lr_at(t, self.cfg.optim, self.cfg.train.max_steps)
+        apply_lr(self.optimizer, self.last_lr)
         finite_loss = True
         for i, (inputs, labels) in enumerate(batches):
             self.state.micro_step += 1
@@ -240,7 +240,8 @@ class Trainer:
                 window.seconds += time.perf_counter() - t0
                 self._check_lockstep(t)
                 self.state.tokens_seen += sum(b[0].numel() for b in batches)
-                window.checksum = _checksum(batches)
+                if log_now:
+                    window.checksum = _checksum(batches)
                 if bar is not None:
                     bar.update(1)
                     if window.losses:
@@ -250,7 +251,7 @@ class Trainer:
                     scalars = window_scalars(window, world_size=world, peak_tflops=self.peak)
                     scalars.update({
                         "data/checksum": window.checksum,
-                        "optim/lr": lr_at(t, cfg.optim, T),
+                        "optim/lr": self.last_lr,
                         "optim/grad_norm": grad_norm,
                         "optim/skipped_steps": float(self.state.skipped_steps),
                         "train/tokens_seen": float(self.state.tokens_seen * world),

@@ -139,13 +139,6 @@ def _train_process(fabric, cfg: RunConfig, run_dir: Path, start: Path | None, co
     optimizer = build_optimizer(module, cfg.optim, shard_group=_shard_group(cfg, fabric))
     model, optimizer = fabric.setup(module, optimizer)
 
-    logger = None
-    resumed_step = ckpt.read_trainer_state(start)["step"] if start is not None else 0
-    if fabric.global_rank == 0:
-        # version "" keeps one event dir per run dir; purge_step hides events of an interrupted segment
-        logger = TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="",
-                                   default_hp_metric=False, purge_step=resumed_step + 1 if resumed_step else None)
-        logger.log_hyperparams(OmegaConf.to_container(OmegaConf.create(config_yaml)))
     preempt = PreemptionFlag()
     preempt.install()
 
@@ -154,10 +147,15 @@ def _train_process(fabric, cfg: RunConfig, run_dir: Path, start: Path | None, co
         return any_rank_flag(fabric, local)
 
     trainer = Trainer(cfg, fabric=fabric, model=model, module=module, optimizer=optimizer, data=data,
-                      run_dir=run_dir, config_yaml=config_yaml, logger=logger, stop_requested=stop_requested)
+                      run_dir=run_dir, config_yaml=config_yaml, stop_requested=stop_requested)
     if start is not None:
         trainer.restore(start)
     if fabric.global_rank == 0:
+        # version "" keeps one event dir per run dir; purge_step hides events of an interrupted segment
+        resumed = trainer.state.step
+        trainer.logger = TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="",
+                                           default_hp_metric=False, purge_step=resumed + 1 if resumed else None)
+        trainer.logger.log_hyperparams(OmegaConf.to_container(OmegaConf.create(config_yaml)))
         fabric.print(f"run dir: {run_dir}  |  {module.num_params():,} parameters  |  "
                      f"tensorboard --logdir {run_dir / 'tensorboard'}")
     reason = trainer.fit()
