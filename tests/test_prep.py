@@ -125,8 +125,7 @@ def test_stage_killed_half_way_resumes_to_identical_output(raw: Path, tmp_path: 
             assert full is not None
             units = [json.loads(x)["unit"] for x in log.read_text().splitlines() if "torn" not in x]
             assert units.count(done[0]["unit"]) == 1  # the finished unit was not redone
-            if stage != "shuffle":  # (shuffle removes its scatter files once finished)
-                assert first.stat().st_mtime_ns == stamp
+            assert first.stat().st_mtime_ns == stamp
         else:
             prepare(str(out), stages=(stage,), **overrides(raw))
     assert shard_bytes(out) == shard_bytes(ref)
@@ -164,6 +163,40 @@ def test_bad_input_is_quarantined_with_reason_or_fails_named(tmp_path: Path):
     assert man["totals"]["quarantined"] == 1
 
 
+def test_buckets_are_a_seeded_permutation_of_every_copy(raw: Path, tmp_path: Path):
+    from recdepth.prep.manifest import open_arrow
+    from recdepth.prep.shuffle import BucketReader, scatter_parts
+
+    out = tmp_path / "o"
+    man = prepare(str(out), stages=("ingest", "tokenizer", "tokenize", "shuffle"), **overrides(raw))["shuffle"]
+    parts = scatter_parts(out / "shuffled", "train", man)
+    n_b = man["totals"]["buckets_train"]
+    assert len(parts) > 1 and n_b > 1
+    readers = [open_arrow(p, "shuffle") for p in parts]
+    unpermuted = [tuple(r) for b in range(n_b) for f in readers for r in f.get_batch(b).column("input_ids").to_pylist()]
+    assert len(unpermuted) == man["totals"]["train_copies"]
+    kept_open, reopened = BucketReader(parts, man["seed"], "train"), BucketReader(parts, man["seed"], "train", max_open=1)
+    got = []
+    for b in range(n_b):
+        x, y = kept_open.bucket(b), reopened.bucket(b)
+        assert [d.tolist() for d in x.docs] == [d.tolist() for d in y.docs] and x.sources.equals(y.sources)
+        got += [tuple(d.tolist()) for d in x.docs]
+    assert sorted(got) == sorted(unpermuted) and got != unpermuted  # every copy once, permuted within buckets
+
+
+def test_truncated_intermediate_files_are_named_errors(raw: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    prepare(str(out), **overrides(raw))
+    scatter = sorted((out / "shuffled" / "train").glob("*.arrow"))[0]
+    scatter.write_bytes(scatter.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"{scatter.name}.*rerun stage=shuffle"):
+        prepare(str(out), stages=("shard",), **{**overrides(raw), "resume": False})
+    tokens = sorted((out / "tokens").rglob("*.arrow"))[0]
+    tokens.write_bytes(tokens.read_bytes()[: len(tokens.read_bytes()) // 2])
+    with pytest.raises(DataError, match=f"{tokens.name}.*rerun stage=tokenize"):
+        prepare(str(out), stages=("shuffle",), **{**overrides(raw), "resume": False})
+
+
 def test_vocab_too_large_for_uint16_is_a_named_error(tmp_path: Path):
     assert token_dtype("auto", 65536) == np.uint16 and token_dtype("auto", 65537) == np.uint32
     with pytest.raises(ConfigError, match="tokenize.dtype=uint16"):
@@ -183,7 +216,7 @@ def test_huginn_preset_ids_and_uint32_tokens(raw: Path, tmp_path: Path):
     ids = m["tokenizer"]["totals"]["ids"]
     assert ids == {"bos": 65504, "eos": 65505, "end_turn": 65508, "pad": 65509}
     assert m["tokenizer"]["totals"]["dropped_char_rate"] == 0.0  # aeolian + fallback is lossless
-    t = pq.read_table(next((tmp_path / "h" / "tokens" / "plain").glob("*.parquet")))
+    t = pa.ipc.open_file(next((tmp_path / "h" / "tokens" / "plain").glob("*.arrow"))).read_all()
     row = t.column("input_ids")[0].as_py()
     assert row[0] == 65504 and row[-1] == 65505 and t.schema.field("input_ids").type.value_type == pa.uint16()
     big = overrides(raw, tokenizer={"vocab_size": 65600, "specials": "minimal"})
@@ -268,10 +301,8 @@ def test_stream_packer_equals_reference_packer_on_random_documents(policy: str):
         got_rows, got_meta, i = [], [], 0
         while i < n:  # feed in random batches, as record batches arrive
             j = min(n, i + int(r.integers(1, 20)))
-            offsets = np.concatenate([[0], np.cumsum(lens[i:j])]).astype(np.int32)
-            values = np.concatenate(docs[i:j]) if j > i else np.zeros(0, np.uint16)
             src = np.array(srcs[i:j], dtype=np.int64)
-            rows, metas = sp.add(values, offsets, src, np.isin(src, list(sacred)))
+            rows, metas = sp.add(docs[i:j], src, np.isin(src, list(sacred)))
             got_rows += rows.tolist()
             got_meta += metas
             i = j

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recdepth.prep.manifest import digests, finish_stage  # noqa: E402
+from recdepth.prep.manifest import finish_stage, write_arrow  # noqa: E402
 from recdepth.prep.tokenize import token_schema  # noqa: E402
 
 RAVEN_SMALL_STEP_S = 1.5  # assumed CPU step time of raven_small (batch 8 x 256), per the issue
@@ -37,13 +38,13 @@ def _synthetic_tokens(out_dir: Path, n_files: int, docs_per_file: int = 1000, me
         values = r.integers(0, 4090, int(offsets[-1])).astype(np.uint16)
         ids = [f"synth/{i:05d}/{k:07d}" for k in range(docs_per_file)]
         split = (r.random(docs_per_file) < 0.01).astype(np.int8)
+        schema = token_schema(np.dtype(np.uint16))
         t = pa.table({"doc_id": ids, "source": ["synth"] * docs_per_file, "split": split,
                       "n_tokens": lens.astype(np.uint32),
-                      "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))},
-                     schema=token_schema(np.dtype(np.uint16)))
-        path = d / f"part-{i:05d}.parquet"
-        pq.write_table(t, path, compression="zstd", compression_level=1)
-        units.append({"unit": f"synth/part-{i:05d}.parquet", "outputs": digests(out_dir / "tokens", [path]),
+                      "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))}, schema=schema)
+        rel = f"synth/part-{i:05d}.arrow"
+        dig = write_arrow(d / f"part-{i:05d}.arrow", schema, t.to_batches(), compression="zstd")
+        units.append({"unit": f"synth/part-{i:05d}.parquet", "outputs": {rel: dig},
                       "docs": docs_per_file, "val_docs": int(split.sum()), "bytes": int(values.nbytes)})
         total += int(values.nbytes)
     totals = {"dtype": "uint16", "vocab_size": 4096, "ids": {"bos": 4090, "eos": 4091, "pad": 4095}}
@@ -60,15 +61,18 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from recdepth.prep import prepare
 t = time.time()
-prepare({out!r}, stages=("shuffle",), workers=1, progress=False, resume=False, shuffle={{"bucket_mb": 4.0}})
+man = prepare({out!r}, stages=("shuffle", "shard"), workers=1, progress=False, resume=False,
+              shuffle={{"bucket_mb": {bucket_mb}}}, shard={{"block_size": 4096, "rows_per_shard": 128, "policy": "carry"}})
 hwm = [x for x in open("/proc/self/status").read().splitlines() if x.startswith("VmHWM")]
 peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({{"peak_mb": peak, "s": time.time() - t}}))
+print(json.dumps({{"peak_mb": peak, "s": time.time() - t, "buckets": man["shuffle"]["totals"]["buckets_train"]}}))
 """
 
 
-def _shuffle_peak(out: Path) -> dict:
-    res = subprocess.run([sys.executable, "-c", _PEAK_CHILD.format(root=str(ROOT), out=str(out))],
+def _shuffle_peak(out: Path, bucket_mb: float) -> dict:
+    """Peak resident memory (VmHWM) of a fresh process running both shuffle passes (`shuffle`, then `shard`,
+    which reads the buckets)."""
+    res = subprocess.run([sys.executable, "-c", _PEAK_CHILD.format(root=str(ROOT), out=str(out), bucket_mb=bucket_mb)],
                          capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -78,10 +82,11 @@ def _median(xs: list[float]) -> float:
 
 
 def bench_tokenize(out: dict, tmp: Path, reps: int = 3) -> None:
-    """Stage `tokenize` (2 processes, parquet in and out, manifests) vs the library's own `encode_batch` (its
+    """Stage `tokenize` (2 processes, parquet in, Arrow out, manifests) vs the library's own `encode_batch` (its
     thread pool) over the same documents with the same special tokens, keeping the encodings in memory.
-    Both are warmed once (tokenizer parsed, pools started, files cached), then timed alternately `reps` times;
-    the figures are the medians, the ratio is median(encode_batch time) / median(stage time)."""
+    The stage calls `encode_batch_fast` (the same ids without character offsets), so that is timed too.
+    All are warmed once (tokenizer parsed, pools started, files cached), then timed alternately `reps` times;
+    the figures are the medians, a ratio is median(library time) / median(stage time)."""
     from tokenizers import Tokenizer
 
     from recdepth.data.sample import sample_overrides, stdlib_files
@@ -100,7 +105,7 @@ def bench_tokenize(out: dict, tmp: Path, reps: int = 3) -> None:
     n = man["totals"]["tokens"]
     assert n == sum(len(e.ids) for e in enc)
     del enc
-    t_stage, t_lib = [], []
+    t_stage, t_lib, t_fast = [], [], []
     for _ in range(reps):
         t0 = time.perf_counter()
         man = prepare(str(tmp / "tk"), stages=("tokenize",), **over)["tokenize"]
@@ -110,37 +115,48 @@ def bench_tokenize(out: dict, tmp: Path, reps: int = 3) -> None:
         enc = tok.encode_batch(texts, add_special_tokens=True)
         t_lib.append(time.perf_counter() - t0)
         del enc
+        t0 = time.perf_counter()
+        enc = tok.encode_batch_fast(texts, add_special_tokens=True)
+        t_fast.append(time.perf_counter() - t0)
+        del enc
     out["tokenize_tokens"] = n
     out["tokenize_2proc_tokens_per_s"] = round(n / _median(t_stage))
     out["encode_batch_tokens_per_s"] = round(n / _median(t_lib))
     out["tokenize_vs_encode_batch_ratio"] = round(_median(t_lib) / _median(t_stage), 3)
     out["tokenize_vs_encode_batch_ratio_per_rep"] = [round(b / a, 3) for a, b in zip(t_stage, t_lib)]
+    out["encode_batch_fast_tokens_per_s"] = round(n / _median(t_fast))
+    out["tokenize_vs_encode_batch_fast_ratio"] = round(_median(t_fast) / _median(t_stage), 3)
 
 
-def bench_shuffle_shard(out: dict, tmp: Path, reps: int = 3) -> None:
-    """Shuffle + shard of the 10x data vs copying its token files; each timed `reps` times alternately (the
-    pipeline from scratch each time, the copy into a new folder), figures are medians. Also the peak memory
-    of shuffle on 1x and 10x the data."""
+def bench_shuffle_shard(out: dict, tmp: Path, reps: int = 5) -> None:
+    """Shuffle + shard of the 10x data (rows of 4097, 4 MB buckets) vs copying its token files; each timed
+    `reps` times alternately (the pipeline from scratch each time, the copy into a new folder, each after a
+    sync), figures are medians. Also the peak memory of the shuffle (both passes) on 1x and 10x the data,
+    with 0.5 MB buckets so that even the 1x run has a dozen and both runs reach the allocator's steady state
+    (with 4 MB buckets the 1x data has only 2, and the peak is still climbing with glibc's heap growth)."""
     from recdepth.prep import prepare
 
     small, big = tmp / "x1", tmp / "x10"
     _synthetic_tokens(small, 3)
     nbytes = _synthetic_tokens(big, 30)
-    p1, p10 = _shuffle_peak(small), _shuffle_peak(big)
+    p1, p10 = _shuffle_peak(small, 0.5), _shuffle_peak(big, 0.5)
+    out["shuffle_peak_buckets_1x_10x"] = [p1["buckets"], p10["buckets"]]
     out["shuffle_peak_mb_1x"] = round(p1["peak_mb"], 1)
     out["shuffle_peak_mb_10x"] = round(p10["peak_mb"], 1)
     out["shuffle_peak_ratio_10x_vs_1x"] = round(p10["peak_mb"] / p1["peak_mb"], 3)
     # throughput on the 10x data: shuffle + shard vs copying the token files
-    src_files = sorted((big / "tokens").rglob("*.parquet"))
+    src_files = sorted((big / "tokens").rglob("*.arrow"))
     file_bytes = sum(f.stat().st_size for f in src_files)
     t_pipe, t_copy = [], []
     for rep in range(reps):
+        os.sync()  # each side starts with no dirty pages of the other being written back under it
         t0 = time.perf_counter()
         prepare(str(big), stages=("shuffle", "shard"), workers=2, progress=False, resume=False,
-                shuffle={"bucket_mb": 4.0}, shard={"block_size": 2048, "rows_per_shard": 256, "policy": "carry"})
+                shuffle={"bucket_mb": 4.0}, shard={"block_size": 4096, "rows_per_shard": 128, "policy": "carry"})
         t_pipe.append(time.perf_counter() - t0)
         dst = tmp / f"copy{rep}"
         dst.mkdir()
+        os.sync()
         t0 = time.perf_counter()
         for f in src_files:
             with open(f, "rb") as a, open(dst / f.name, "wb") as b:

@@ -131,7 +131,7 @@ class TokenizeConfig:
 class ShuffleConfig:
     """Global two-pass bucket shuffle; document-level upsampling weights per source (train split only)."""
 
-    bucket_mb: float = 256.0  # target bucket size; peak memory ~ max(bucket, largest input file)
+    bucket_mb: float = 256.0  # target bucket size: stage=shard holds one bucket, stage=shuffle one token file
     weights: dict[str, float] = dc.field(default_factory=dict)  # source -> weight (⌊w⌋ copies + Bernoulli(frac w))
 
     def __post_init__(self) -> None:

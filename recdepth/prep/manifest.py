@@ -53,6 +53,51 @@ def tmp_path_for(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def write_arrow(path: str | os.PathLike, schema, batches: Iterable, compression: str | None = None) -> dict:
+    """Stream record batches into an Arrow IPC file (`compression`: None, lz4 or zstd buffers), atomically;
+    returns its {sha256, bytes}, hashed as the bytes go out (no read-back)."""
+    import pyarrow as pa
+
+    tmp = tmp_path_for(path)
+    with open(tmp, "wb") as f:
+        sink = _HashingWriter(f)
+        with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema,
+                             options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+            for b in batches:
+                w.write_batch(b)
+    os.replace(tmp, path)
+    return {"sha256": sink.sha.hexdigest(), "bytes": sink.n}
+
+
+class _HashingWriter:
+    """A write-only file object that hashes every byte it passes on."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n, self.closed = f, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.n += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def open_arrow(path: str | os.PathLike, rerun: str, mmap: bool = True):
+    """The reader of an Arrow IPC file, or a DataError naming it and the stage to rerun. `mmap=False` reads
+    batches into fresh memory instead, so pages of a long-open file do not stay mapped (and resident)."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path)) if mmap else pa.OSFile(str(path)))
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: unreadable or truncated Arrow file ({e}); rerun stage={rerun}") from e
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -38,6 +38,7 @@ from recdepth.prep.manifest import (
     summary_line,
     tmp_path_for,
 )
+from recdepth.prep.shuffle import BucketReader, scatter_parts
 
 SPLITS = ("train", "val")
 WRITER_THREADS = 2
@@ -253,12 +254,11 @@ class StreamPacker:
         self.padded += pad
         return rows, metas
 
-    def _pieces(self, values, offsets, sources, sacred):
+    def _pieces(self, docs, sources, sacred):
         """Buffer pieces followed by the batch's documents: arrays of tokens, source ids, start flags, lengths."""
         m = len(self.buf)
-        lens = np.diff(offsets).astype(np.int64)
-        starts = offsets[:-1].tolist()
-        pieces = [b[0] for b in self.buf] + [values[a:a + k] for a, k in zip(starts, lens.tolist())]
+        lens = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        pieces = [b[0] for b in self.buf] + list(docs)
         src = np.concatenate([np.array([b[1] for b in self.buf], dtype=np.int64), sources.astype(np.int64)])
         is_start = np.concatenate([np.array([b[2] for b in self.buf], dtype=bool), np.ones(len(lens), bool)])
         plens = np.concatenate([np.array([len(b[0]) for b in self.buf], dtype=np.int64), lens])
@@ -269,11 +269,11 @@ class StreamPacker:
         self.buf = [(pieces[j][used:] if j == lo else pieces[j], int(src[j]), bool(is_start[j]) and not
                      (j == lo and used)) for j in range(lo, len(pieces))]
 
-    def add(self, values: np.ndarray, offsets: np.ndarray, sources: np.ndarray, sacred: np.ndarray,
+    def add(self, docs: list[np.ndarray], sources: np.ndarray, sacred: np.ndarray,
             final: bool = False) -> tuple[np.ndarray, list[bytes]]:
-        """Feed documents `values[offsets[i]:offsets[i+1]]` (source ids, sacred flags); returns the rows that
-        became complete (after `finish` semantics too when `final`), as [rows, row_len] and meta.json bytes."""
-        m, pieces, src, is_start, lens, sac = self._pieces(values, offsets, sources, sacred)
+        """Feed documents (token arrays, source ids, sacred flags); returns the rows that became complete
+        (after `finish` semantics too when `final`), as [rows, row_len] and meta.json bytes."""
+        m, pieces, src, is_start, lens, sac = self._pieces(docs, sources, sacred)
         if self.policy == "carry":
             keep, visited = self._plan_carry(lens)
             rows, metas = self._rows(pieces, src, is_start, keep, visited)
@@ -284,7 +284,7 @@ class StreamPacker:
             self._rebuffer(pieces, src, is_start, lo, used)
             if final:
                 if self.n:
-                    m, pieces, src, is_start, lens, _ = self._pieces(values[:0], offsets[:1], sources[:0], sacred[:0])
+                    m, pieces, src, is_start, lens, _ = self._pieces([], sources[:0], sacred[:0])
                     pad = self.L - self.n
                     keep, visited = self._plan_carry(lens, rows=1)
                     last, meta = self._rows(pieces, src, is_start, keep, visited, pad=pad)
@@ -298,8 +298,7 @@ class StreamPacker:
 
     def finish(self) -> tuple[np.ndarray, list[bytes]]:
         """End of stream (see `Packer.finish`)."""
-        empty = np.zeros(0, dtype=self.dtype)
-        return self.add(empty, np.zeros(1, dtype=np.int64), np.zeros(0, np.int64), np.zeros(0, bool), final=True)
+        return self.add([], np.zeros(0, np.int64), np.zeros(0, bool), final=True)
 
 
 # ------------------------------------------------------------------------------------------------ tars
@@ -334,10 +333,22 @@ def _member(name: str, data: bytes) -> bytes:
     return bytes(h) + data + b"\0" * ((-len(data)) % tarfile.BLOCKSIZE)
 
 
-def _header(name: bytes, size_field: bytes) -> bytearray:
-    h = bytearray(_TEMPLATE)
-    h[0 : len(name)], h[124:136] = name, size_field
-    h[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(name) + sum(size_field))
+_TEMPLATE_ARR = np.frombuffer(_TEMPLATE, dtype=np.uint8)
+
+
+def _ascii_digits(x: np.ndarray, width: int, base: int) -> np.ndarray:
+    """[n, width] ASCII digits of non-negative integers in `base`, zero-padded on the left."""
+    return (x[:, None] // base ** np.arange(width - 1, -1, -1, dtype=np.int64) % base + 48).astype(np.uint8)
+
+
+def _headers(keys: np.ndarray, suffix: bytes, sizes: np.ndarray) -> np.ndarray:
+    """[n, 512] ustar headers `{key:012d}{suffix}` of the given member sizes: `_member`'s header bytes, vectorised."""
+    h = np.tile(_TEMPLATE_ARR, (len(keys), 1))
+    h[:, :12] = _ascii_digits(keys, 12, 10)
+    h[:, 12 : 12 + len(suffix)] = np.frombuffer(suffix, dtype=np.uint8)
+    h[:, 124:135] = _ascii_digits(sizes, 11, 8)
+    h[:, 148:154] = _ascii_digits(h.sum(axis=1, dtype=np.int64), 6, 8)  # the template's checksum field is spaces
+    h[:, 154] = 0
     return h
 
 
@@ -351,33 +362,37 @@ def _shard_size(rows: np.ndarray, metas: list[bytes], npy_header: bytes) -> int:
 def _fill_shard(buf: memoryview, first_key: int, rows: np.ndarray, metas: list[bytes], npy_header: bytes) -> int:
     """Lay the tar of `rows` ([n, row_len]) and their meta.json bytes into `buf`, every byte written (pads
     zeroed, so a reused buffer is fine); returns the size. The same bytes as `_member` one by one (USTAR,
-    mtime 0, mode 644, root, `{key:012d}` names in key order)."""
+    mtime 0, mode 644, root, `{key:012d}` names in key order), written as whole-array copies: rows whose
+    meta.json spans the same number of blocks have the same record size, so each run of them is one
+    [rows, record] view of the buffer."""
     B = tarfile.BLOCKSIZE
-    row_bytes = rows.shape[1] * rows.dtype.itemsize
-    tok = len(npy_header) + row_bytes
-    tok_field, tok_pad = b"%011o\0" % tok, (-tok) % B
-    data = memoryview(np.ascontiguousarray(rows)).cast("B")
-    zeros = bytes(2 * B)
-    h, pos = len(npy_header), 0
-    for i, meta in enumerate(metas):
-        key = b"%012d" % (first_key + i)
-        buf[pos : pos + B] = _header(key + b".tokens.npy", tok_field)
-        pos += B
-        buf[pos : pos + h] = npy_header
-        buf[pos + h : pos + tok] = data[i * row_bytes : (i + 1) * row_bytes]
-        pos += tok
-        buf[pos : pos + tok_pad] = zeros[:tok_pad]
-        pos += tok_pad
-        m = len(meta)
-        buf[pos : pos + B] = _header(key + b".meta.json", b"%011o\0" % m)
-        pos += B
-        buf[pos : pos + m] = meta
-        pos += m
-        pad = (-m) % B
-        buf[pos : pos + pad] = zeros[:pad]
-        pos += pad
-    buf[pos : pos + 2 * B] = zeros
-    return pos + 2 * B
+    n = len(metas)
+    data = np.ascontiguousarray(rows).view(np.uint8).reshape(n, -1)
+    h = len(npy_header)
+    tok = h + data.shape[1]
+    meta_at = B + tok + (-tok) % B  # offset of the meta.json header in a record
+    m_len = np.fromiter(map(len, metas), dtype=np.int64, count=n)
+    m_blocks = -(-m_len // B)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(meta_at + B + m_blocks * B, out=starts[1:])
+    keys = first_key + np.arange(n, dtype=np.int64)
+    tok_headers = _headers(keys, b".tokens.npy", np.full(n, tok, dtype=np.int64))
+    meta_headers = _headers(keys, b".meta.json", m_len)
+    out = np.frombuffer(buf, dtype=np.uint8)
+    cuts = [0, *(np.flatnonzero(np.diff(m_blocks)) + 1).tolist(), n]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        k = int(m_blocks[a]) * B
+        rec = out[starts[a] : starts[b]].reshape(b - a, meta_at + B + k)
+        rec[:, :B] = tok_headers[a:b]
+        rec[:, B : B + h] = np.frombuffer(npy_header, dtype=np.uint8)
+        rec[:, B + h : B + tok] = data[a:b]
+        rec[:, B + tok : meta_at] = 0
+        rec[:, meta_at : meta_at + B] = meta_headers[a:b]
+        rec[:, meta_at + B :] = np.frombuffer(b"".join(m.ljust(k, b"\0") for m in metas[a:b]), dtype=np.uint8).reshape(
+            b - a, k)
+    end = int(starts[n])
+    out[end : end + 2 * B] = 0
+    return end + 2 * B
 
 
 def shard_bytes(first_key: int, rows: np.ndarray, metas: list[bytes], npy_header: bytes) -> bytes:
@@ -420,24 +435,17 @@ def write_shard(path: Path, first_key: int, rows: list[tuple[np.ndarray, dict]],
 # ----------------------------------------------------------------------------------------------- stage
 
 
-def iter_batches(bucket_files: list[Path], sources: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(token values, offsets, source ids) of each record batch of document copies, bucket by bucket in order."""
+def shuffled_documents(root: Path, split: str, smn: dict, sources: list[str]) -> Iterator[tuple[list, np.ndarray]]:
+    """(token arrays, source ids) of the shuffled document copies of `split`, bucket by bucket in order."""
     names = pa.array(sources, pa.string())
-    for path in bucket_files:
-        try:
-            with pa.memory_map(str(path)) as src:
-                reader = pa.ipc.open_file(src)
-                for i in range(reader.num_record_batches):
-                    batch = reader.get_batch(i)
-                    col = batch.column("input_ids")
-                    sid = pc.index_in(batch.column("source"), value_set=names)
-                    if sid.null_count:
-                        unknown = batch.column("source").filter(pc.is_null(sid))[0].as_py()
-                        raise DataError(f"{path}: source {unknown!r} is not in the tokenize manifest")
-                    yield (col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy(),
-                           sid.to_numpy(zero_copy_only=False).astype(np.int64))
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path}: unreadable or truncated bucket ({e}); rerun stage=shuffle") from e
+    reader = BucketReader(scatter_parts(root / "shuffled", split, smn), smn["seed"], split)
+    for b in range(smn["totals"][f"buckets_{split}"]):
+        bucket = reader.bucket(b)
+        sid = pc.index_in(bucket.sources, value_set=names)
+        if sid.null_count:
+            unknown = bucket.sources.filter(pc.is_null(sid))[0].as_py()
+            raise DataError(f"shuffled/{split} bucket {b}: source {unknown!r} is not in the tokenize manifest")
+        yield bucket.docs, sid.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def shard_split(cfg: PrepConfig, split: str, smn: dict, log: UnitLog, out: Path, remaining: list[int]) -> dict:
@@ -447,8 +455,6 @@ def shard_split(cfg: PrepConfig, split: str, smn: dict, log: UnitLog, out: Path,
     ids = smn["totals"]["ids"]
     pad_id = ids.get("pad", ids["eos"])
     L = sc.block_size + 1
-    n_b = smn["totals"][f"buckets_{split}"]
-    buckets = [root / "shuffled" / split / f"bucket-{b:05d}.arrow" for b in range(n_b)]
     sources = sorted({u["unit"].split("/")[0] for u in read_manifest(root / "tokens", "tokenize")["units"]})
     sid = {s: i for i, s in enumerate(sources)}
     is_sacred = np.zeros(len(sources) + 1, dtype=bool)
@@ -524,8 +530,8 @@ def shard_split(cfg: PrepConfig, split: str, smn: dict, log: UnitLog, out: Path,
     with ThreadPoolExecutor(WRITER_THREADS) as pool, tqdm(
             desc=f"shard {split}", disable=not cfg.progress, unit="doc", total=smn["totals"][f"{split}_copies"]) as bar:
         try:
-            for values, offsets, source_ids in iter_batches(buckets, sources):
-                rows, metas = packer.add(values, offsets, source_ids, is_sacred[source_ids])
+            for docs, source_ids in shuffled_documents(root, split, smn, sources):
+                rows, metas = packer.add(docs, source_ids, is_sacred[source_ids])
                 if metas:
                     pending.append((rows, metas))
                     n_pending += len(metas)

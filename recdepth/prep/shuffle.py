@@ -1,52 +1,44 @@
 """Stage `shuffle`: one global, exactly reproducible shuffle of all documents, in bounded memory.
 
-Pass 1 (unit = token file) expands each document into its copies (⌊w⌋ plus one more with probability
-frac(w), a keyed draw on (seed, doc_id); validation documents are never repeated) and scatters the copies
-to B buckets with a generator seeded from (seed, split, file); each file's copies go to one Arrow IPC file
-with one record batch per bucket. Pass 2 (unit = bucket) gathers batch b of every scatter file, permutes
-it with its own generator and writes `shuffled/{split}/bucket-{b:05d}.arrow`. Peak memory is about one
-input file or one bucket (`shuffle.bucket_mb`), whichever is larger, whatever the size of the corpus.
+A two-pass bucket shuffle whose second pass writes nothing. Pass 1 (this stage; unit = token file) expands
+each document into its copies (⌊w⌋ plus one more with probability frac(w), a keyed draw on (seed, doc_id);
+validation documents are never repeated) and scatters the copies to B buckets with a generator seeded from
+(seed, split, file): `shuffled/{split}/part-*.arrow`, record batch b holding that file's copies sent to
+bucket b. Pass 2 reads bucket b as batch b of every part, in file order, permuted by its own
+generator of (seed, split, b) (`BucketReader`); the `shard` stage reads the documents in that order straight
+from the parts, so the corpus is written once here instead of twice. Peak memory is about one token
+file here and one bucket (`shuffle.bucket_mb`) in `shard`, whatever the size of the corpus.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from recdepth.errors import DataError
 from recdepth.prep.config import PrepConfig
 from recdepth.prep.manifest import (
     UnitLog,
-    digests,
     finish_stage,
     keyed_uniform,
+    open_arrow,
     read_manifest,
     rng,
     run_units,
     sha256_json,
     summary_line,
-    tmp_path_for,
+    write_arrow,
 )
 
 SPLITS = ("train", "val")
 COLUMNS = ["doc_id", "source", "input_ids"]
-
-
-def _write_ipc(path: Path, schema: pa.Schema, batches: list[pa.RecordBatch]) -> None:
-    tmp = tmp_path_for(path)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
-        for b in batches:
-            w.write_batch(b)
-    os.replace(tmp, path)
 
 
 def _list_parts(chunks: list) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
@@ -102,13 +94,13 @@ def _copies(sub_sources: pa.Array, doc_ids: pa.Array, weights: dict, seed: int) 
 
 
 def scatter_unit(args: tuple) -> dict:
-    """Pass 1: one token file → `_scatter/{split}/part-*.arrow`, batch b holding the copies sent to bucket b."""
+    """Pass 1: one token file → `{split}/part-*.arrow`, batch b holding the copies sent to bucket b."""
     src, stage_dir, rel, unit_index, n_buckets, weights, seed = args
     try:
-        table = pq.read_table(src, columns=["doc_id", "source", "split", "input_ids"])
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{src}: unreadable or truncated token parquet ({e})") from e
-    outs, counts = [], {}
+        table = open_arrow(src, "tokenize").read_all().select(["doc_id", "source", "split", "input_ids"])
+    except (OSError, pa.ArrowException, KeyError) as e:
+        raise DataError(f"{src}: unreadable or truncated token file ({e}); rerun stage=tokenize") from e
+    outputs, counts = {}, {}
     split_col = table.column("split").to_numpy()
     ids_field = table.schema.field("input_ids")
     dtype = np.dtype(ids_field.type.value_type.to_pandas_dtype())
@@ -133,56 +125,73 @@ def scatter_unit(args: tuple) -> dict:
             pa.array(copy_no[order].astype(np.uint16)),
         ], schema=schema)  # fmt: skip
         bounds = np.searchsorted(bucket[order], np.arange(nb + 1)).tolist()
-        flat = [batch.slice(bounds[b], bounds[b + 1] - bounds[b]) if bounds[b + 1] > bounds[b]
-                else pa.RecordBatch.from_pylist([], schema=schema) for b in range(nb)]
-        out = Path(stage_dir) / "_scatter" / split / rel.replace("/", "__").replace(".parquet", ".arrow")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_ipc(out, schema, flat)
-        outs.append(out)
+        name = f"{split}/{part_name(rel)}"
+        outputs[name] = write_arrow(Path(stage_dir) / name, schema,
+                                    (batch.slice(bounds[b], bounds[b + 1] - bounds[b]) for b in range(nb)))
         counts[f"{split}_docs"] = len(idx)
         counts[f"{split}_copies"] = len(rows)
         counts[f"{split}_tokens"] = int(parts[3][take].sum())
-        del batch, flat
+        del batch
     del table, parts, doc_col, src_col
-    pa.default_memory_pool().release_unused()  # keep the peak at one unit, not the allocator's high-water mark
-    return {"outputs": digests(stage_dir, outs), **counts, "quarantine": []}
+    return {"outputs": outputs, **counts, "quarantine": []}
 
 
-def bucket_unit(args: tuple) -> dict:
-    """Pass 2: gather bucket b of every scatter file (in file order), permute, write it."""
-    stage_dir, split, b, scatter_files, seed = args
-    parts = []
-    for f in scatter_files:
-        with pa.memory_map(f) as src:
-            parts.append(pa.ipc.open_file(src).get_batch(b))
-    n = sum(p.num_rows for p in parts)
-    out = Path(stage_dir) / split / f"bucket-{b:05d}.arrow"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if n:
-        schema = parts[0].schema
-        ids_field = schema.field("input_ids")
-        dtype = np.dtype(ids_field.type.value_type.to_pandas_dtype())
-        perm = rng(seed, "permute", split, b).permutation(n)
-        nonempty = [p for p in parts if p.num_rows]
-        cols = []
-        for name in schema.names:
-            if name == "input_ids":
-                lists = _list_parts([p.column(name) for p in nonempty])
-                cols.append(_gather_lists(lists, perm, ids_field.type, dtype))
-                tokens = int(lists[3].sum())
-            else:
-                cols.append(_take_small(pa.chunked_array([p.column(name) for p in nonempty], schema.field(name).type),
-                                        perm))
-        batch = pa.RecordBatch.from_arrays(cols, schema=schema)
-        _write_ipc(out, schema, [batch.slice(i, 8192) for i in range(0, n, 8192)])
-        del batch, cols, lists
-    else:
-        schema = pa.ipc.open_file(pa.memory_map(scatter_files[0])).schema if scatter_files else None
-        _write_ipc(out, schema or pa.schema([]), [])
-        tokens = 0
-    del parts
-    pa.default_memory_pool().release_unused()
-    return {"outputs": digests(stage_dir, [out]), "split": split, "copies": n, "tokens": tokens, "quarantine": []}
+def part_name(token_rel: str) -> str:
+    """The scatter file of a token file: `{source}/part-i.arrow` → `{source}__part-i.arrow` (one flat dir)."""
+    return token_rel.replace("/", "__")
+
+
+@dataclass
+class Bucket:
+    """One bucket's document copies in shuffled order, as views into the bucket's batches."""
+
+    docs: list[np.ndarray]  # token ids of each copy
+    sources: pa.Array  # source name of each copy
+
+
+class BucketReader:
+    """Pass 2 over one split: bucket b is batch b of every scatter part, in part order, permuted by its own
+    generator of (seed, split, b). Up to `max_open` parts stay open between buckets (the rest are reopened
+    per bucket): footers are parsed once, without running out of file descriptors. Batches are read, not
+    memory-mapped, so only the current bucket is resident."""
+
+    def __init__(self, parts: list[Path], seed: int, split: str, max_open: int = 256):
+        self.parts, self.seed, self.split, self.max_open = parts, seed, split, max_open
+        self._open: dict[int, pa.ipc.RecordBatchFileReader] = {}
+
+    def _batch(self, i: int, b: int) -> pa.RecordBatch:
+        try:
+            reader = self._open.get(i) or open_arrow(self.parts[i], "shuffle", mmap=False)
+            if i < self.max_open:
+                self._open[i] = reader
+            return reader.get_batch(b)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{self.parts[i]}: unreadable or truncated scatter file ({e}); rerun stage=shuffle") from e
+
+    def bucket(self, b: int) -> Bucket:
+        values, where, lens, sources = [], [], [], []
+        for i in range(len(self.parts)):
+            batch = self._batch(i, b)
+            col = batch.column("input_ids")
+            offsets = col.offsets.to_numpy()
+            values.append(col.values.to_numpy(zero_copy_only=False))
+            where.append(np.stack([np.full(len(col), i), offsets[:-1]]))
+            lens.append(np.diff(offsets))
+            sources.append(batch.column("source"))
+        if not values:
+            return Bucket([], pa.array([], pa.string()))
+        part_start = np.concatenate(where, axis=1)
+        n_all = np.concatenate(lens)
+        perm = rng(self.seed, "permute", self.split, b).permutation(len(n_all))
+        part, start, n = part_start[0][perm].tolist(), part_start[1][perm].tolist(), n_all[perm].tolist()
+        docs = [values[p][a : a + k] for p, a, k in zip(part, start, n)]
+        names = pa.chunked_array(sources, pa.string()).combine_chunks()
+        return Bucket(docs, names.take(pa.array(perm, type=pa.int64())))
+
+
+def scatter_parts(stage_dir: Path, split: str, man: dict) -> list[Path]:
+    """The scatter files of `split`, in the order `BucketReader` concatenates them."""
+    return sorted(stage_dir / rel for u in man["units"] for rel in u["outputs"] if rel.startswith(f"{split}/"))
 
 
 def n_buckets(tokens_man: dict, weights: dict[str, float], bucket_mb: float) -> dict[str, int]:
@@ -217,31 +226,18 @@ def run_shuffle(cfg: PrepConfig) -> dict | None:
     for i, u in enumerate(sorted(tman["units"], key=lambda r: r["unit"])):
         for rel, dig in u["outputs"].items():
             args = (str(tok_dir / rel), str(out), rel, i, nb, weights, cfg.seed)
-            tasks.append((f"scatter/{rel}", {"tokens": dig["sha256"], "buckets": nb}, args))
-    rec1, complete = run_units(log, tasks, scatter_unit, cfg.workers, limit, cfg.progress, "shuffle pass 1")
-    if not complete:
-        return None
-    used = sum(1 for t in tasks if log.records.get(t[0]) is not None)
-    tasks2 = []
-    for split in SPLITS:
-        files = [str(out / rel) for r in rec1 for rel in r["outputs"] if rel.startswith(f"_scatter/{split}/")]
-        fp = sha256_json([r["outputs"] for r in rec1])
-        for b in range(nb[split]):
-            tasks2.append((f"bucket/{split}/{b:05d}", {"scatter": fp}, (str(out), split, b, files, cfg.seed)))
-    limit2 = None if limit is None else max(0, limit - used)
-    rec2, complete = run_units(log, tasks2, bucket_unit, cfg.workers, limit2, cfg.progress, "shuffle pass 2")
+            tasks.append((rel, {"tokens": dig["sha256"], "buckets": nb}, args))
+    records, complete = run_units(log, tasks, scatter_unit, cfg.workers, limit, cfg.progress, "shuffle")
     if not complete:
         return None
     totals: dict = {"buckets_train": nb["train"], "buckets_val": nb["val"]}
     for split in SPLITS:
-        totals[f"{split}_docs"] = sum(r[f"{split}_docs"] for r in rec1)
-        totals[f"{split}_copies"] = sum(r[f"{split}_copies"] for r in rec1)
-        totals[f"{split}_tokens"] = sum(r[f"{split}_tokens"] for r in rec1)
+        for k in ("docs", "copies", "tokens"):
+            totals[f"{split}_{k}"] = sum(r[f"{split}_{k}"] for r in records)
     totals.update({"dtype": tman["totals"]["dtype"], "vocab_size": tman["totals"]["vocab_size"],
                    "ids": tman["totals"]["ids"]})
-    units = [{k: v for k, v in r.items() if k != "quarantine"} for r in rec2]
+    units = [{k: v for k, v in r.items() if k != "quarantine"} for r in records]
     man = finish_stage(out, "shuffle", config, cfg.seed, inputs, units, [], totals, 0.0, 1)
-    shutil.rmtree(out / "_scatter", ignore_errors=True)
     print(summary_line("shuffle", {k: totals[k] for k in ("train_copies", "val_copies", "train_tokens")},
-                       log.skipped, len(tasks) + len(tasks2), out, time.time() - t0))
+                       log.skipped, len(tasks), out, time.time() - t0))
     return man

@@ -3,6 +3,9 @@
 The split is a keyed hash of (seed, doc_id), decided here, before the shuffle stage repeats any document,
 so a validation document never leaks into training through upsampling. Ids are stored as uint16 when the
 vocabulary fits (the reference format), else uint32; asking for uint16 with a larger vocabulary is an error.
+Token files are Arrow IPC with zstd-compressed buffers (`tokens/{source}/part-i.arrow`, same columns and types
+as a parquet table would have): an intermediate read once by `shuffle`, which then costs a decompression
+instead of parquet's per-value list decoding (about 4x faster to read and to write).
 """
 
 from __future__ import annotations
@@ -20,14 +23,13 @@ from recdepth.errors import ConfigError, DataError
 from recdepth.prep.config import PrepConfig
 from recdepth.prep.manifest import (
     UnitLog,
-    digests,
     finish_stage,
     keyed_uniform,
     read_manifest,
     run_units,
     sha256_json,
     summary_line,
-    tmp_path_for,
+    write_arrow,
 )
 
 _TOKENIZERS: dict = {}
@@ -43,6 +45,11 @@ def token_dtype(requested: str, vocab_size: int) -> np.dtype:
     if requested == "uint32" or vocab_size > 2**16:
         return np.dtype(np.uint32)
     return np.dtype(np.uint16)
+
+
+def token_file(docs_rel: str) -> str:
+    """The token file (relative to tokens/) written for a docs file (relative to docs/)."""
+    return str(Path(docs_rel).with_suffix(".arrow"))
 
 
 def token_schema(dtype: np.dtype) -> pa.Schema:
@@ -67,7 +74,7 @@ def _tokenizer(path: str):
 
 def encode_ids(tok, texts: list[str], dtype: np.dtype, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(flat ids, offsets) of texts encoded with BOS/EOS; ids beyond `dtype` raise naming `where`."""
-    encs = tok.encode_batch(texts, add_special_tokens=True)
+    encs = tok.encode_batch_fast(texts, add_special_tokens=True)  # the same ids, without character offsets
     ids = [e.ids for e in encs]
     del encs  # the Encodings (tokens, offsets, masks) are the bulk of the memory: free them early
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -80,36 +87,37 @@ def encode_ids(tok, texts: list[str], dtype: np.dtype, where: str) -> tuple[np.n
 
 
 def tokenize_unit(args: tuple) -> dict:
-    """docs/{source}/part-i.parquet → tokens/{source}/part-i.parquet."""
+    """docs/{source}/part-i.parquet → tokens/{source}/part-i.arrow."""
     src, out_dir, rel, tok_path, dtype_name, batch_docs, seed, val_fraction = args
     tok = _tokenizer(tok_path)
     dtype = np.dtype(dtype_name)
-    out = Path(out_dir) / rel
+    out = Path(out_dir) / token_file(rel)
     try:
         pf = pq.ParquetFile(src)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{src}: unreadable or truncated parquet ({e})") from e
-    tmp = tmp_path_for(out)
-    n_docs = n_tokens = n_val = n_long = 0
-    with pq.ParquetWriter(tmp, token_schema(dtype), compression="zstd", compression_level=1) as w:
+    schema = token_schema(dtype)
+    counts = dict.fromkeys(("docs", "tokens", "val_docs", "docs_over_4097"), 0)
+
+    def batches():
         for batch in pf.iter_batches(batch_size=batch_docs, columns=["text", "doc_id", "source"]):
-            texts = batch.column("text").to_pylist()
             ids = batch.column("doc_id").to_pylist()
-            flat, offsets = encode_ids(tok, texts, dtype, src)
+            flat, offsets = encode_ids(tok, batch.column("text").to_pylist(), dtype, src)
             lens = np.diff(offsets)
             split = (keyed_uniform(seed, "split", ids) < val_fraction).astype(np.int8)
             values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))  # zero-copy views of both
-            w.write_table(pa.table({
-                "doc_id": batch.column("doc_id"), "source": batch.column("source"), "split": split,
-                "n_tokens": lens.astype(np.uint32), "input_ids": values,
-            }, schema=token_schema(dtype)))  # fmt: skip
-            n_docs += len(ids)
-            n_tokens += int(lens.sum())
-            n_val += int(split.sum())
-            n_long += int((lens > 4097).sum())
-    os.replace(tmp, out)
-    return {"outputs": digests(out_dir, [out]), "docs": n_docs, "tokens": n_tokens, "val_docs": n_val,
-            "docs_over_4097": n_long, "bytes": n_tokens * dtype.itemsize, "quarantine": []}
+            yield pa.RecordBatch.from_arrays([
+                batch.column("doc_id"), batch.column("source"), pa.array(split), pa.array(lens.astype(np.uint32)),
+                values.cast(schema.field("input_ids").type),
+            ], schema=schema)  # fmt: skip
+            counts["docs"] += len(ids)
+            counts["tokens"] += int(lens.sum())
+            counts["val_docs"] += int(split.sum())
+            counts["docs_over_4097"] += int((lens > 4097).sum())
+
+    digest = write_arrow(out, schema, batches(), compression="zstd")
+    return {"outputs": {token_file(rel): digest}, **counts, "bytes": counts["tokens"] * dtype.itemsize,
+            "quarantine": []}
 
 
 def run_tokenize(cfg: PrepConfig) -> dict | None:
@@ -130,7 +138,6 @@ def run_tokenize(cfg: PrepConfig) -> dict | None:
             fp = {"docs": u["outputs"][rel]["sha256"], "tokenizer": tman["fingerprint"]}
             args = (str(docs_dir / rel), str(out), rel, tok_path, dtype.name, cfg.tokenize.batch_docs, cfg.seed,
                     cfg.tokenize.val_fraction)
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
             tasks.append((rel, fp, args))
     records, complete = run_units(log, tasks, tokenize_unit, cfg.workers, cfg.limit_units, cfg.progress, "tokenize")
     if not complete:
