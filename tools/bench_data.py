@@ -197,18 +197,28 @@ def bench_stream(out: dict, tmp: Path) -> None:
     out["stream_vs_raven_small_ratio"] = round(rows_s / need, 1)
 
 
+SECTIONS = {"tokenize": bench_tokenize, "shuffle_shard": bench_shuffle_shard, "stream": bench_stream}
+
+
 def bench_data(out: dict) -> None:
-    """Fill `out` with the data figures and the ratios named in issue 4 (targets in the `*_target` keys)."""
-    with tempfile.TemporaryDirectory(prefix="recdepth-bench-data-") as t:
-        tmp = Path(t)
-        bench_tokenize(out, tmp)
-        bench_shuffle_shard(out, tmp)
-        bench_stream(out, tmp)
+    """Fill `out` with the data figures and the ratios named in issue 4 (targets in `targets`). Each section
+    runs in a fresh process, as each prep stage does from the command line: the tokenizer benchmark leaves
+    about 1 GB resident, which would otherwise slow the process pool (fork) and the allocator of the next."""
+    for name in SECTIONS:
+        res = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"bench_data {name} failed:\n{res.stderr[-4000:]}")
+        out.update(json.loads(res.stdout.strip().splitlines()[-1]))
     out["targets"] = {"tokenize_vs_encode_batch_ratio": ">= 0.8", "shuffle_shard_vs_copy_ratio": ">= 0.3",
                       "shuffle_peak_ratio_10x_vs_1x": "<= 1.2", "stream_vs_raven_small_ratio": ">= 50"}
 
 
 if __name__ == "__main__":
     figures: dict = {}
-    bench_data(figures)
-    print(json.dumps(figures, indent=1))
+    if len(sys.argv) > 1:  # one section, in this process; its figures as one JSON line
+        with tempfile.TemporaryDirectory(prefix="recdepth-bench-data-") as t:
+            SECTIONS[sys.argv[1]](figures, Path(t))
+        print(json.dumps(figures))
+    else:
+        bench_data(figures)
+        print(json.dumps(figures, indent=1))

@@ -1,4 +1,4 @@
-"""Data preparation CLI: `python tools/prep.py stage=ingest|tokenizer|tokenize|shuffle|shard out_dir=DATA ...`."""
+"""Data preparation CLI: `python tools/prep.py stage=ingest|tokenizer|tokenize|shuffle|shard|stats out_dir=DATA ...`."""
 
 import sys
 from pathlib import Path

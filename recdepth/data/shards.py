@@ -104,3 +104,17 @@ def read_shard(info: ShardInfo, row_len: int, dtype: str, verify: bool = True) -
     if len(rows) != info.rows:
         raise DataError(f"{info.path}: {len(rows)} rows, index.json says {info.rows} (truncated shard?)")
     return np.stack(rows) if rows else np.zeros((0, row_len), dtype=want)
+
+
+def read_shard_meta(info: ShardInfo) -> list[dict]:
+    """The meta.json of every row of one shard ({doc_starts, source_ids}), in key order."""
+    metas: list[dict] = []
+    try:
+        with tarfile.open(info.path, mode="r:") as tf:
+            for m in tf:
+                if m.name.endswith(".meta.json"):
+                    f = tf.extractfile(m)
+                    metas.append(json.loads(f.read() if f else b"{}"))
+    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{info.path}: unreadable meta.json in shard ({type(e).__name__}: {e})") from e
+    return metas

@@ -1,4 +1,4 @@
-"""Data preparation stages: ingest, tokenizer, tokenize, shuffle, shard (driven by `tools/prep.py`)."""
+"""Data preparation stages: ingest, tokenizer, tokenize, shuffle, shard, and the `stats` check (`tools/prep.py`)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,10 @@ def run(cfg: Any) -> dict | None:
 
 
 def run_stage(pc: PrepConfig) -> dict | None:
-    from recdepth.prep.ingest import run_ingest
-    from recdepth.prep.shard import run_shard
-    from recdepth.prep.shuffle import run_shuffle
-    from recdepth.prep.tokenize import run_tokenize
-    from recdepth.prep.tokenizer import run_tokenizer
+    import importlib
 
-    return {"ingest": run_ingest, "tokenizer": run_tokenizer, "tokenize": run_tokenize, "shuffle": run_shuffle,
-            "shard": run_shard}[pc.stage](pc)
+    module = importlib.import_module(f"recdepth.prep.{pc.stage}")
+    return getattr(module, f"run_{pc.stage}")(pc)  # only the stage's own imports (no torch in prep processes)
 
 
 def prepare(out_dir: str, stages: tuple[str, ...] = STAGES, **overrides: Any) -> dict[str, dict | None]:

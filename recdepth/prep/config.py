@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from recdepth.errors import ConfigError, require
 
-STAGES = ("ingest", "tokenizer", "tokenize", "shuffle", "shard")
+STAGES = ("ingest", "tokenizer", "tokenize", "shuffle", "shard")  # the pipeline, in order
+CHECKS = ("stats",)  # stages that read a finished dataset and write only a report
 ADAPTERS = ("plain", "multi", "chat")
 FORMATS = ("auto", "txt", "jsonl", "parquet", "arrow")
 POLICIES = ("huginn", "carry", "truncate")
@@ -176,7 +177,7 @@ class PrepConfig:
     shard: ShardConfig = dc.field(default_factory=ShardConfig)
 
     def __post_init__(self) -> None:
-        require(self.stage in STAGES, "stage", self.stage, "one of " + ", ".join(STAGES))
+        require(self.stage in STAGES + CHECKS, "stage", self.stage, "one of " + ", ".join(STAGES + CHECKS))
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         require(self.limit_units is None or self.limit_units >= 0, "limit_units", self.limit_units,
                 "null or an integer >= 0")

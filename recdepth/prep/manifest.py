@@ -282,7 +282,7 @@ def _worker_init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _pool(workers: int):
+def process_pool(workers: int):
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -327,7 +327,7 @@ def run_units(
         for unit, fp, args in todo:
             _record(unit, fp, fn(args))
     else:
-        with _pool(min(workers, len(todo))) as pool:
+        with process_pool(min(workers, len(todo))) as pool:
             for (unit, fp, _), res in zip(todo, pool.imap(fn, [t[2] for t in todo])):
                 _record(unit, fp, res)
     bar.close()

@@ -144,6 +144,7 @@ class StreamPacker:
         self.docs_in_batch = 0
         self.kept = self.discarded = self.padded = 0
         self.discarded_by_source: dict[int, int] = {}
+        self.kept_by_source: dict[int, int] = {}
 
     # planning ------------------------------------------------------------------------------------------------
 
@@ -252,6 +253,9 @@ class StreamPacker:
             metas.append(f'{{"doc_starts":[{st}],"source_ids":[{sr}]}}'.encode())
         self.kept += n_rows * L - pad
         self.padded += pad
+        per_source = np.bincount(src[v], weights=keep[v])
+        for k in np.flatnonzero(per_source).tolist():
+            self.kept_by_source[k] = self.kept_by_source.get(k, 0) + int(per_source[k])
         return rows, metas
 
     def _pieces(self, docs, sources, sacred):
@@ -555,6 +559,8 @@ def shard_split(cfg: PrepConfig, split: str, smn: dict, log: UnitLog, out: Path,
     return {
         "shards": shards, "rows": rows, "docs": n_docs, "kept_tokens": packer.kept,
         "discarded_tokens": packer.discarded, "pad_tokens": packer.padded,
+        "sources": sources,  # names of the ids in meta.json source_ids
+        "kept_by_source": {sources[k]: v for k, v in sorted(packer.kept_by_source.items())},
         "discarded_by_source": {sources[k]: v for k, v in sorted(packer.discarded_by_source.items())},
     }
 
