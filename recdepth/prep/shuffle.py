@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,24 +152,33 @@ class Bucket:
 
 class BucketReader:
     """Pass 2 over one split: bucket b is batch b of every scatter part, in part order, permuted by its own
-    generator of (seed, split, b). Up to `max_open` parts stay open between buckets (the rest are reopened
-    per bucket): footers are parsed once, without running out of file descriptors. Batches are read, not
-    memory-mapped, so only the current bucket is resident."""
+    generator of (seed, split, b). Parts are memory-mapped (batches are zero-copy views) and up to
+    `max_open` stay mapped between buckets (the rest are remapped per bucket), so footers are parsed once
+    without running out of file descriptors. `bucket` first drops the pages of the previous bucket from
+    this process (madvise DONTNEED: they stay in the page cache and fault back in if still used), so only
+    about one bucket is resident whatever the size of the parts."""
 
     def __init__(self, parts: list[Path], seed: int, split: str, max_open: int = 256):
         self.parts, self.seed, self.split, self.max_open = parts, seed, split, max_open
-        self._open: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self._open: dict[int, tuple[mmap.mmap, pa.ipc.RecordBatchFileReader]] = {}
 
     def _batch(self, i: int, b: int) -> pa.RecordBatch:
+        path = self.parts[i]
         try:
-            reader = self._open.get(i) or open_arrow(self.parts[i], "shuffle", mmap=False)
-            if i < self.max_open:
-                self._open[i] = reader
-            return reader.get_batch(b)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{self.parts[i]}: unreadable or truncated scatter file ({e}); rerun stage=shuffle") from e
+            if i not in self._open:
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mm)))
+                if len(self._open) >= self.max_open:
+                    return reader.get_batch(b)
+                self._open[i] = (mm, reader)
+            return self._open[i][1].get_batch(b)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise DataError(f"{path}: unreadable or truncated scatter file ({e}); rerun stage=shuffle") from e
 
     def bucket(self, b: int) -> Bucket:
+        for mm, _ in self._open.values():
+            mm.madvise(mmap.MADV_DONTNEED)
         values, where, lens, sources = [], [], [], []
         for i in range(len(self.parts)):
             batch = self._batch(i, b)

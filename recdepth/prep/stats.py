@@ -15,8 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from recdepth.data.shards import ShardIndex, load_index, read_shard, read_shard_meta
 from recdepth.errors import DataError
 from recdepth.prep.config import PrepConfig
