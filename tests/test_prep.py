@@ -197,6 +197,31 @@ def test_truncated_intermediate_files_are_named_errors(raw: Path, tmp_path: Path
         prepare(str(out), stages=("shuffle",), **{**overrides(raw), "resume": False})
 
 
+def test_stats_rereads_every_shard_and_catches_tampering(raw: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    man = prepare(str(out), **overrides(raw))
+    summary = prepare(str(out), stages=("stats",), **overrides(raw))["stats"]
+    assert json.loads((out / "shards" / "summary.json").read_text()) == summary
+    sh, tr = man["shuffle"]["totals"], summary["train"]
+    index = json.loads((out / "shards" / "train" / "index.json").read_text())
+    assert tr["rows"] == index["rows"] and tr["shards"] == len(index["shards"])
+    assert tr["docs_started"] == sh["train_copies"]  # carry: every copy starts exactly once
+    assert sum(tr["tokens_by_source"].values()) == sh["train_tokens"] == tr["tokens"] - tr["pad_tokens"]
+    assert tr["tokens_by_source"] == index["kept_by_source"] and set(tr["tokens_by_source"]) == set(index["sources"])
+    assert sum(tr["docs_per_row"].values()) == tr["rows"] and tr["bos_tokens"] >= tr["docs_started"]
+    # an edited count in the index, then a flipped byte in a shard: each a named error
+    index["kept_by_source"]["chat"] += 1
+    (out / "shards" / "train" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match="kept_by_source"):
+        prepare(str(out), stages=("stats",), **overrides(raw))
+    shard = out / "shards" / "train" / index["shards"][1]["name"]
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{shard.name}.*sha256"):
+        prepare(str(out), stages=("stats",), **overrides(raw))
+
+
 def test_vocab_too_large_for_uint16_is_a_named_error(tmp_path: Path):
     assert token_dtype("auto", 65536) == np.uint16 and token_dtype("auto", 65537) == np.uint32
     with pytest.raises(ConfigError, match="tokenize.dtype=uint16"):
