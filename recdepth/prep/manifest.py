@@ -87,13 +87,13 @@ class _HashingWriter:
         self.closed = True
 
 
-def open_arrow(path: str | os.PathLike, rerun: str, mmap: bool = True):
-    """The reader of an Arrow IPC file, or a DataError naming it and the stage to rerun. `mmap=False` reads
-    batches into fresh memory instead, so pages of a long-open file do not stay mapped (and resident)."""
+def open_arrow(path: str | os.PathLike, rerun: str):
+    """The memory-mapped reader of an Arrow IPC file (decoding on this thread only: stages already run one
+    process per core), or a DataError naming it and the stage to rerun."""
     import pyarrow as pa
 
     try:
-        return pa.ipc.open_file(pa.memory_map(str(path)) if mmap else pa.OSFile(str(path)))
+        return pa.ipc.open_file(pa.memory_map(str(path)), options=pa.ipc.IpcReadOptions(use_threads=False))
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: unreadable or truncated Arrow file ({e}); rerun stage={rerun}") from e
 
