@@ -128,7 +128,7 @@ def bench_tokenize(out: dict, tmp: Path, reps: int = 3) -> None:
     out["tokenize_vs_encode_batch_fast_ratio"] = round(_median(t_fast) / _median(t_stage), 3)
 
 
-def bench_shuffle_shard(out: dict, tmp: Path, reps: int = 5) -> None:
+def bench_shuffle_shard(out: dict, tmp: Path, reps: int = 7) -> None:
     """Shuffle + shard of the 10x data (rows of 4097, 4 MB buckets) vs copying its token files; each timed
     `reps` times alternately (the pipeline from scratch each time, the copy into a new folder, each after a
     sync), figures are medians. Also the peak memory of the shuffle (both passes) on 1x and 10x the data,

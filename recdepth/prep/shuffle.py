@@ -178,7 +178,8 @@ class BucketReader:
 
     def bucket(self, b: int) -> Bucket:
         for mm, _ in self._open.values():
-            mm.madvise(mmap.MADV_DONTNEED)
+            if hasattr(mmap, "MADV_DONTNEED"):  # (not on every platform; residency is then the OS's call)
+                mm.madvise(mmap.MADV_DONTNEED)
         values, where, lens, sources = [], [], [], []
         for i in range(len(self.parts)):
             batch = self._batch(i, b)
