@@ -241,6 +241,9 @@ class DataConfig:
     weight_schedule: list[Any] = field(default_factory=list)
     categories: dict[str, str] = field(default_factory=dict)  # name -> category (reporting only)
     verify_checksums: bool = True  # sha256 of every shard read against index.json
+    # resume onto another world size, worker count, micro batch or dataset: a new data segment (a fresh order
+    # of the data from its start; statistically sound, not an exact replay). Off: such a resume is an error.
+    allow_reshard: bool = False
     prefetch_factor: int = 2
     sample_mb: float = 10.0  # data=sample: MB of standard-library source text to build the corpus from
 

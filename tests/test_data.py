@@ -50,11 +50,12 @@ def test_every_row_exactly_once_per_epoch_over_ranks_and_workers(tmp_path: Path)
     sizes = [10] * 36 + [3]  # 37 shards, one partial: more shards than the 4 global workers
     idx = load_index(make_source(tmp_path / "a", 1, sizes), "train")
     small = load_index(make_source(tmp_path / "b", 2, [9, 9, 5]), "train")  # fewer shards than workers: rows strided
-    for index in (idx, small):
+    for index, segment in ((idx, 0), (small, 0), (idx, 1)):  # segment 1: the order after data.allow_reshard
         for epoch in (0, 1):
             seen = Counter()
             for rank in range(2):
                 stream = TokenStream([Source("s", index)], rank=rank, world_size=2, num_workers=2, seed=5)
+                stream.set_segment(segment)
                 for w in range(2):
                     for row in stream.worker_rows(w):
                         if row.epoch > epoch:
@@ -68,6 +69,9 @@ def test_every_row_exactly_once_per_epoch_over_ranks_and_workers(tmp_path: Path)
     e0 = [row_id(next(rows).tokens) for _ in range(idx.rows)]
     e1 = [row_id(next(rows).tokens) for _ in range(idx.rows)]
     assert sorted(e0) == sorted(e1) and e0 != e1
+    s.set_segment(1)  # a new segment: the same rows from the start, in another order
+    seg = [row_id(r.tokens) for r, _ in zip(s.worker_rows(0), range(idx.rows))]
+    assert sorted(seg) == sorted(e0) and seg != e0
 
 
 def test_mixture_proportions_match_weights(tmp_path: Path):
@@ -113,8 +117,17 @@ def test_loader_resume_continues_with_the_next_batch(tmp_path: Path, workers: in
         assert torch.equal(x, full[k][0]) and torch.equal(y, full[k][1])
     assert x.dtype == torch.int64 and x.shape == (4, L - 1)
     bad = dict(state, fingerprint="other")
-    with pytest.raises(DataError, match="dataset"):
+    with pytest.raises(DataError, match="dataset.*data.allow_reshard"):
         b.load_state_dict(bad)
+    # a new segment starts from batch 0 of another order, and a resume inside it stays exact
+    c = loader()
+    c.start_segment(2)
+    it = iter(c)
+    seg = [next(it) for _ in range(5)]
+    assert not torch.equal(seg[0][0], full[0][0])
+    d = loader()
+    d.load_state_dict(json.loads(json.dumps(dict(c.state_dict(), consumed_batches=3))))
+    assert d.stream.segment == 2 and torch.equal(next(iter(d))[0], seg[3][0])
 
 
 def test_stream_state_restores_row_k_plus_one_for_every_rank_and_worker(tmp_path: Path):

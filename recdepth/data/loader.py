@@ -88,12 +88,19 @@ class StatefulLoader:
         s = self.stream
         return {"version": STATE_VERSION, "fingerprint": s.fingerprint, "consumed_batches": self.consumed,
                 "micro_batch": self.micro_batch, "rank": s.rank, "world_size": s.world_size,
-                "num_workers": self.num_workers, "seed": s.seed}
+                "num_workers": self.num_workers, "seed": s.seed, "segment": s.segment}
 
     def load_state_dict(self, state: dict) -> None:
         check_state(state, self.fingerprint, self.stream.world_size, self.num_workers, micro_batch=self.micro_batch,
                     rank=self.stream.rank)
+        self.stream.set_segment(state.get("segment", 0))
         self.consumed = int(state["consumed_batches"])
+
+    def start_segment(self, segment: int) -> None:
+        """Continue with a fresh order of the same data from its start (`data.allow_reshard`): the saved
+        position belongs to another world size, worker count, micro batch or dataset and cannot be replayed."""
+        self.stream.set_segment(segment)
+        self.consumed = 0
 
 
 def val_batches(stream_sources: list, rank: int, world_size: int, n_batches: int, micro_batch: int,

@@ -193,9 +193,7 @@ class TokenStream(IterableDataset):
             cdfs.append(c)
         self._cdfs = np.stack(cdfs)
         self._stop = [i for i, s in enumerate(self.sources) if s.exhaustion == "stop"]
-        self._length: int | None = None
-        self._start = [0] * self.W
-        self._pos = [0] * self.W
+        self.set_segment(0)
 
     # ------------------------------------------------------------------------------------------ identity
 
@@ -204,6 +202,16 @@ class TokenStream(IterableDataset):
         ident = {"sources": {s.name: [s.index.fingerprint, s.weight, s.exhaustion] for s in self.sources},
                  "schedule": [self._starts.tolist(), self._cdfs.round(12).tolist()], "seed": self.seed}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def set_segment(self, segment: int) -> None:
+        """Segment 0 draws every order from the configured seed; segment s > 0 (a resume with
+        `data.allow_reshard` onto another layout) from a seed derived from (seed, s): a fresh, equally valid
+        order of the same data, starting at position 0 of every worker."""
+        self.segment = int(segment)
+        self._key = self.seed if self.segment == 0 else int(_rng(self.seed, "segment", self.segment).integers(2**62))
+        self._length: int | None = None
+        self._start = [0] * self.W
+        self._pos = [0] * self.W
 
     def global_worker(self, worker: int) -> int:
         return self.rank * self.W + worker
@@ -214,7 +222,7 @@ class TokenStream(IterableDataset):
         """Source index of rows [block·4096, (block+1)·4096) of global worker g."""
         if len(self.sources) == 1:
             return np.zeros(MIX_BLOCK, dtype=np.int64)
-        u = _rng(self.seed, "mix", g, block).random(MIX_BLOCK)
+        u = _rng(self._key, "mix", g, block).random(MIX_BLOCK)
         if len(self._starts) == 1:
             return np.searchsorted(self._cdfs[0], u, side="right").clip(max=len(self.sources) - 1)
         w = g % self.W
@@ -241,7 +249,7 @@ class TokenStream(IterableDataset):
         if self._length is None:
             lens = []
             for g in range(self.G):
-                limits = {i: SourceCursor(self.sources[i], g, self.G, self.seed, False).epoch_len(0) for i in self._stop}
+                limits = {i: SourceCursor(self.sources[i], g, self.G, self._key, False).epoch_len(0) for i in self._stop}
                 counts = np.zeros(len(self.sources), dtype=np.int64)
                 b, found = 0, None
                 while found is None:
@@ -266,7 +274,7 @@ class TokenStream(IterableDataset):
         g = self.global_worker(worker)
         limit = self.length()
         q = self._positions(g, start)
-        cursors = [SourceCursor(s, g, self.G, self.seed, self.verify).iter_from(int(q[k]))
+        cursors = [SourceCursor(s, g, self.G, self._key, self.verify).iter_from(int(q[k]))
                    for k, s in enumerate(self.sources)]
         i = start
         block, offset = divmod(start, MIX_BLOCK)
@@ -299,10 +307,12 @@ class TokenStream(IterableDataset):
     def state_dict(self) -> dict:
         """Rows yielded per worker (exact when iterated in this process; loaders keep their own count)."""
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "rank": self.rank,
-                "world_size": self.world_size, "num_workers": self.num_workers, "positions": list(self._pos)}
+                "world_size": self.world_size, "num_workers": self.num_workers, "segment": self.segment,
+                "positions": list(self._pos)}
 
     def load_state_dict(self, state: dict) -> None:
         check_state(state, self.fingerprint, self.world_size, self.num_workers)
+        self.set_segment(state.get("segment", 0))
         self._start = [int(x) for x in state["positions"]]
         self._pos = list(self._start)
 
@@ -313,8 +323,9 @@ def check_state(state: dict, fingerprint: str, world_size: int, num_workers: int
         raise DataError(f"data state version {state.get('version')!r}; expected {STATE_VERSION}")
     if state.get("fingerprint") != fingerprint:
         raise DataError(f"data state is for dataset {state.get('fingerprint')!r}, this run reads {fingerprint!r}; "
-                        "resume with the same data config (sources, weights, seed)")
+                        "resume with the same data config (sources, weights, seed), or set data.allow_reshard=true "
+                        "to continue with a fresh data order")
     for k, v in {"world_size": world_size, "num_workers": num_workers, **more}.items():
         if state.get(k) != v:
             raise DataError(f"data state was saved with {k}={state.get(k)}, this run has {k}={v}; exact resume "
-                            f"needs the same {k}")
+                            f"needs the same {k} (data.allow_reshard=true continues with a fresh data order instead)")

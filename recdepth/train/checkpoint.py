@@ -150,28 +150,32 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "trainer.json").read_text())
 
 
-def check_compatible(path: Path, state: dict[str, Any], cfg: ModelConfig, world_size: int) -> None:
-    """Refuse a checkpoint of another model shape or world size before anything is loaded or written."""
+def check_compatible(path: Path, state: dict[str, Any], cfg: ModelConfig, world_size: int,
+                     allow_world_change: bool = False) -> None:
+    """Refuse a checkpoint of another model shape (or world size, unless allowed) before anything is loaded
+    or written."""
     ours = model_shape(cfg)
     theirs = state.get("model_shape", {})
     diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"checkpoint {path} was written for a different model shape ({detail})")
-    if state.get("world_size") != world_size:
+    if state.get("world_size") != world_size and not allow_world_change:
         raise CheckpointError(
             f"checkpoint {path} was written with world size {state.get('world_size')}, this run has {world_size}; "
-            "resume with the same number of processes"
+            "resume with the same number of processes, or set data.allow_reshard=true to continue on "
+            f"{world_size} with a fresh data order (weights and optimizer state carry over; not an exact resume)"
         )
 
 
 def load_checkpoint(
-    path: Path, *, fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, *, fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, allow_world_change: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights, optimizer and RNG state into this rank; returns (trainer_state, data_state)."""
+    """Load weights, optimizer and RNG state into this rank; returns (trainer_state, data_state). On another
+    world size (when allowed) a rank the checkpoint did not have keeps its seeded RNG and gets no data state."""
     path = Path(path)
     state = read_trainer_state(path)
-    check_compatible(path, state, model.cfg, fabric.world_size)
+    check_compatible(path, state, model.cfg, fabric.world_size, allow_world_change)
     rank = fabric.global_rank
     weights = load_file(str(path / "model.safetensors"))
     if getattr(model.cfg, "tie_embeddings", False):
@@ -179,8 +183,9 @@ def load_checkpoint(
     model.load_state_dict(weights, strict=True)
     # the full state (a sharded optimizer keeps its own partition of it)
     optimizer.load_state_dict(torch.load(path / "optim" / "rank-0.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(path / "rng" / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
-    torch.set_rng_state(rng["torch"])
+    rng_file = path / "rng" / f"rank-{rank}.pt"
+    if rng_file.exists() or state.get("world_size") == fabric.world_size:
+        torch.set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True)["torch"])
     data_file = path / "data" / f"rank-{rank}.json"
     data_state = json.loads(data_file.read_text()) if data_file.exists() else {}
     return state, data_state

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from recdepth.config import RunConfig
-from recdepth.errors import CheckpointError, TrainingError
+from recdepth.errors import DataError, TrainingError
 from recdepth.train import checkpoint as ckpt
 from recdepth.train.evaluate import depth_table, eval_depths, evaluate, save_depth_curve
 from recdepth.train.metrics import (
@@ -42,6 +42,7 @@ class TrainerState:
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
     train_seconds: float = 0.0
+    data_segment: int = 0  # +1 at each resume that re-lays the data out (data.allow_reshard)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -103,15 +104,26 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoints
 
     def restore(self, path: Path) -> None:
+        reshard = self.cfg.data.allow_reshard
         trainer_state, data_state = ckpt.load_checkpoint(path, fabric=self.fabric, model=self.module,
-                                                         optimizer=self.optimizer)
-        if trainer_state.get("data_fingerprint") != self.data.fingerprint:
-            raise CheckpointError(
-                f"checkpoint {path} was written for data {trainer_state.get('data_fingerprint')!r}, this run reads "
-                f"{self.data.fingerprint!r}; resume with the same data config or start a new run dir"
-            )
+                                                         optimizer=self.optimizer, allow_world_change=reshard)
         self.state = TrainerState.from_dict(trainer_state)
-        self.data.train.load_state_dict(data_state)
+        try:
+            if trainer_state.get("data_fingerprint") != self.data.fingerprint:
+                raise DataError(
+                    f"checkpoint {path} was written for data {trainer_state.get('data_fingerprint')!r}, this run "
+                    f"reads {self.data.fingerprint!r}; resume with the same data config, start a new run dir, or set "
+                    "data.allow_reshard=true to continue with a fresh data order"
+                )
+            self.data.train.load_state_dict(data_state)
+        except DataError as e:
+            if not reshard:
+                raise
+            # every rank reads the same trainer.json and fails the same check, so all agree on the segment
+            self.state.data_segment += 1
+            self.data.train.start_segment(self.state.data_segment)
+            self.fabric.print(f"data.allow_reshard: {e}\n  continuing with data segment {self.state.data_segment}: "
+                              "a fresh order of the data from its start (not an exact resume)")
         self._truncate_metrics()
         self.fabric.print(f"resumed from {path} at optimizer step {self.state.step}")
 

@@ -63,7 +63,8 @@ def resume_path(cfg: RunConfig, run_dir: Path) -> Path | None:
         return None
     path = ckpt.latest_checkpoint(run_dir / "checkpoints") if cfg.resume == "auto" else Path(cfg.resume)
     if path is not None:  # refuse another shape or world size before anything is written
-        ckpt.check_compatible(path, ckpt.read_trainer_state(path), cfg.model, cfg.cluster.devices * cfg.cluster.num_nodes)
+        ckpt.check_compatible(path, ckpt.read_trainer_state(path), cfg.model, cfg.cluster.devices * cfg.cluster.num_nodes,
+                              allow_world_change=cfg.data.allow_reshard)
     return path
 
 
