@@ -59,13 +59,17 @@ def write_arrow(path: str | os.PathLike, schema, batches: Iterable, compression:
     import pyarrow as pa
 
     tmp = tmp_path_for(path)
-    with open(tmp, "wb") as f:
-        sink = _HashingWriter(f)
-        with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema,
-                             options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
-            for b in batches:
-                w.write_batch(b)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            sink = _HashingWriter(f)
+            with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema,
+                                 options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+                for b in batches:
+                    w.write_batch(b)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return {"sha256": sink.sha.hexdigest(), "bytes": sink.n}
 
 
