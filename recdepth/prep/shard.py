@@ -223,10 +223,12 @@ class StreamPacker:
     # materialising -------------------------------------------------------------------------------------------
 
     def _rows(self, pieces: list[np.ndarray], src: np.ndarray, starts: np.ndarray, keep: np.ndarray,
-              visited: np.ndarray, pad: int = 0) -> tuple[np.ndarray, list[bytes]]:
-        """The rows made of the kept prefixes of `pieces` (+ `pad` pad ids), and each row's meta.json bytes."""
+              visited: np.ndarray, pad: int = 0, kept: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[bytes]]:
+        """The rows made of the kept prefixes of `pieces` (+ `pad` pad ids), and each row's meta.json bytes.
+        `kept`: those prefixes when the caller already has them."""
         L = self.L
-        kept = [pieces[j][:k] for j, k in zip(np.flatnonzero(keep).tolist(), keep[keep > 0].tolist())]
+        if kept is None:
+            kept = [pieces[j][:k] for j, k in zip(np.flatnonzero(keep).tolist(), keep[keep > 0].tolist())]
         if pad:
             kept.append(np.full(pad, self.pad_id, dtype=self.dtype))
         n_rows = (int(keep.sum()) + pad) // L
@@ -258,10 +260,11 @@ class StreamPacker:
             self.kept_by_source[k] = self.kept_by_source.get(k, 0) + int(per_source[k])
         return rows, metas
 
-    def _pieces(self, docs, sources, sacred):
+    def _pieces(self, docs, sources, sacred, lens=None):
         """Buffer pieces followed by the batch's documents: arrays of tokens, source ids, start flags, lengths."""
         m = len(self.buf)
-        lens = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        if lens is None:
+            lens = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
         pieces = [b[0] for b in self.buf] + list(docs)
         src = np.concatenate([np.array([b[1] for b in self.buf], dtype=np.int64), sources.astype(np.int64)])
         is_start = np.concatenate([np.array([b[2] for b in self.buf], dtype=bool), np.ones(len(lens), bool)])
@@ -273,17 +276,19 @@ class StreamPacker:
         self.buf = [(pieces[j][used:] if j == lo else pieces[j], int(src[j]), bool(is_start[j]) and not
                      (j == lo and used)) for j in range(lo, len(pieces))]
 
-    def add(self, docs: list[np.ndarray], sources: np.ndarray, sacred: np.ndarray,
-            final: bool = False) -> tuple[np.ndarray, list[bytes]]:
-        """Feed documents (token arrays, source ids, sacred flags); returns the rows that became complete
-        (after `finish` semantics too when `final`), as [rows, row_len] and meta.json bytes."""
-        m, pieces, src, is_start, lens, sac = self._pieces(docs, sources, sacred)
+    def add(self, docs: list[np.ndarray], sources: np.ndarray, sacred: np.ndarray, final: bool = False,
+            lens: np.ndarray | None = None) -> tuple[np.ndarray, list[bytes]]:
+        """Feed documents (token arrays, source ids, sacred flags, and their lengths if known); returns the rows
+        that became complete (after `finish` semantics too when `final`), as [rows, row_len] and meta.json bytes."""
+        m, pieces, src, is_start, lens, sac = self._pieces(docs, sources, sacred, lens)
         if self.policy == "carry":
             keep, visited = self._plan_carry(lens)
-            rows, metas = self._rows(pieces, src, is_start, keep, visited)
             left = np.flatnonzero((keep < lens) | ((lens == 0) & ~visited))
             lo = int(left[0]) if len(left) else len(pieces)
             used = int(keep[lo]) if lo < len(pieces) else 0
+            # carry keeps a prefix of the stream: whole pieces up to `lo`, then `used` tokens of piece `lo`
+            kept = pieces[:lo] + ([pieces[lo][:used]] if used else [])
+            rows, metas = self._rows(pieces, src, is_start, keep, visited, kept=kept)
             self.n = int(lens.sum() - keep.sum())
             self._rebuffer(pieces, src, is_start, lo, used)
             if final:
@@ -439,8 +444,9 @@ def write_shard(path: Path, first_key: int, rows: list[tuple[np.ndarray, dict]],
 # ----------------------------------------------------------------------------------------------- stage
 
 
-def shuffled_documents(root: Path, split: str, smn: dict, sources: list[str]) -> Iterator[tuple[list, np.ndarray]]:
-    """(token arrays, source ids) of the shuffled document copies of `split`, bucket by bucket in order."""
+def shuffled_documents(root: Path, split: str, smn: dict, sources: list[str]) -> Iterator[tuple[list, np.ndarray,
+                                                                                                np.ndarray]]:
+    """(token arrays, source ids, lengths) of the shuffled document copies of `split`, bucket by bucket."""
     names = pa.array(sources, pa.string())
     reader = BucketReader(scatter_parts(root / "shuffled", split, smn), smn["seed"], split)
     for b in range(smn["totals"][f"buckets_{split}"]):
@@ -449,7 +455,7 @@ def shuffled_documents(root: Path, split: str, smn: dict, sources: list[str]) ->
         if sid.null_count:
             unknown = bucket.sources.filter(pc.is_null(sid))[0].as_py()
             raise DataError(f"shuffled/{split} bucket {b}: source {unknown!r} is not in the tokenize manifest")
-        yield bucket.docs, sid.to_numpy(zero_copy_only=False).astype(np.int64)
+        yield bucket.docs, sid.to_numpy(zero_copy_only=False).astype(np.int64), bucket.lens
 
 
 def shard_split(cfg: PrepConfig, split: str, smn: dict, log: UnitLog, out: Path, remaining: list[int]) -> dict:
@@ -534,8 +540,8 @@ def shard_split(cfg: PrepConfig, split: str, smn: dict, log: UnitLog, out: Path,
     with ThreadPoolExecutor(WRITER_THREADS) as pool, tqdm(
             desc=f"shard {split}", disable=not cfg.progress, unit="doc", total=smn["totals"][f"{split}_copies"]) as bar:
         try:
-            for docs, source_ids in shuffled_documents(root, split, smn, sources):
-                rows, metas = packer.add(docs, source_ids, is_sacred[source_ids])
+            for docs, source_ids, lens in shuffled_documents(root, split, smn, sources):
+                rows, metas = packer.add(docs, source_ids, is_sacred[source_ids], lens=lens)
                 if metas:
                     pending.append((rows, metas))
                     n_pending += len(metas)

@@ -148,6 +148,7 @@ class Bucket:
 
     docs: list[np.ndarray]  # token ids of each copy
     sources: pa.Array  # source name of each copy
+    lens: np.ndarray  # int64 length of each copy
 
 
 class BucketReader:
@@ -190,14 +191,15 @@ class BucketReader:
             lens.append(np.diff(offsets))
             sources.append(batch.column("source"))
         if not values:
-            return Bucket([], pa.array([], pa.string()))
+            return Bucket([], pa.array([], pa.string()), np.zeros(0, np.int64))
         part_start = np.concatenate(where, axis=1)
         n_all = np.concatenate(lens)
         perm = rng(self.seed, "permute", self.split, b).permutation(len(n_all))
-        part, start, n = part_start[0][perm].tolist(), part_start[1][perm].tolist(), n_all[perm].tolist()
+        lens = n_all[perm].astype(np.int64)
+        part, start, n = part_start[0][perm].tolist(), part_start[1][perm].tolist(), lens.tolist()
         docs = [values[p][a : a + k] for p, a, k in zip(part, start, n)]
         names = pa.chunked_array(sources, pa.string()).combine_chunks()
-        return Bucket(docs, names.take(pa.array(perm, type=pa.int64())))
+        return Bucket(docs, names.take(pa.array(perm, type=pa.int64())), lens)
 
 
 def scatter_parts(stage_dir: Path, split: str, man: dict) -> list[Path]:
