@@ -170,11 +170,11 @@ def test_sharded_optimizer_state_matches_replicated_and_resumes(tmp_path, cache_
 def test_resume_on_another_world_size_needs_allow_reshard(tmp_path, cache_dir):
     import json
 
-    out = tmp_path / "run"
-    first = ["train.max_steps=4", "train.log_every=1", "eval.every=0", "checkpoint.every=2"]
+    out = tmp_path / "run"  # optimizer state sharded over the 2 ranks, then resumed on one process
+    first = ["train.max_steps=4", "train.log_every=1", "eval.every=0", "checkpoint.every=2", "optim.shard=world"]
     res = cli([f"out_dir={out}", *DIST, *first], cache_dir)
     assert res.returncode == 0, res.stderr[-3000:]
-    more = ["train.max_steps=6", "train.log_every=1", "eval.every=0", "checkpoint.every=2"]  # on one process now
+    more = ["train.max_steps=6", "train.log_every=1", "eval.every=0", "checkpoint.every=2"]  # one process: unsharded
     res = cli([f"out_dir={out}", *more], cache_dir)
     assert res.returncode != 0 and "data.allow_reshard" in res.stderr, res.stderr[-3000:]
     assert not (out / "checkpoints" / "step-00000006").exists()
@@ -182,5 +182,6 @@ def test_resume_on_another_world_size_needs_allow_reshard(tmp_path, cache_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "continuing with data segment 1" in res.stdout + res.stderr
     state = json.loads((out / "checkpoints" / "step-00000006" / "trainer.json").read_text())
-    assert state["world_size"] == 1 and state["data_segment"] == 1 and state["step"] == 6
+    assert state["world_size"] == 1 and state["data_segment"] == 1 and state["data_segment_step"] == 4
+    assert state["step"] == 6
     assert sorted(train_rows(out)) == list(range(1, 7))

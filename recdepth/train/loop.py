@@ -43,6 +43,7 @@ class TrainerState:
     skipped_steps: int = 0
     train_seconds: float = 0.0
     data_segment: int = 0  # +1 at each resume that re-lays the data out (data.allow_reshard)
+    data_segment_step: int = 0  # the optimizer step the current data segment began after
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -121,6 +122,7 @@ class Trainer:
                 raise
             # every rank reads the same trainer.json and fails the same check, so all agree on the segment
             self.state.data_segment += 1
+            self.state.data_segment_step = self.state.step
             self.data.train.start_segment(self.state.data_segment)
             self.fabric.print(f"data.allow_reshard: {e}\n  continuing with data segment {self.state.data_segment}: "
                               "a fresh order of the data from its start (not an exact resume)")
