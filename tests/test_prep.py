@@ -133,6 +133,53 @@ def test_stage_killed_half_way_resumes_to_identical_output(raw: Path, tmp_path: 
             == json.loads((ref / "shards" / "manifest.json").read_text())["totals"]["fingerprint"])
 
 
+def test_prep_cli_killed_mid_stage_resumes_to_the_same_output(tmp_path: Path):
+    """A real SIGKILL of `tools/prep.py stage=tokenize` (2 worker processes) after its first finished unit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from recdepth.data.sample import sample_overrides, stdlib_files
+
+    over = sample_overrides(stdlib_files(3.0), 512, 64, workers=2)
+    over["ingest"]["files_per_unit"] = 8
+    over["progress"] = False
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    for d in (ref, out):
+        prepare(str(d), stages=("ingest", "tokenizer"), **over)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "tools/prep.py", "stage=tokenize", "workers=2", "progress=false"]
+    res = subprocess.run([*cmd, f"out_dir={ref}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cmd.append(f"out_dir={out}")
+    log = out / "tokens" / "_manifest.jsonl"
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while (not log.exists() or not log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker processes
+    proc.communicate()
+    done = 0
+    for line in log.read_text().splitlines():  # a kill mid-append may leave a torn last line
+        try:
+            done += bool(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    units = len(json.loads((out / "docs" / "manifest.json").read_text())["units"])
+    assert 1 <= done < units, "the stage finished before it could be killed"
+    assert not (out / "tokens" / "manifest.json").exists()
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"({done} resumed)" in res.stdout, res.stdout[-500:]  # finished units were not redone
+    files = sorted(p.relative_to(ref) for p in (ref / "tokens").rglob("*.arrow"))
+    assert files == sorted(p.relative_to(out) for p in (out / "tokens").rglob("*.arrow"))
+    assert all((ref / f).read_bytes() == (out / f).read_bytes() for f in files)
+    fp = [json.loads((d / "tokens" / "manifest.json").read_text())["fingerprint"] for d in (ref, out)]
+    assert fp[0] == fp[1]
+
+
 def test_bad_input_is_quarantined_with_reason_or_fails_named(tmp_path: Path):
     d = tmp_path / "raw"
     d.mkdir()
