@@ -5,7 +5,7 @@ so a validation document never leaks into training through upsampling. Ids are s
 vocabulary fits (the reference format), else uint32; asking for uint16 with a larger vocabulary is an error.
 Token files are Arrow IPC with zstd-compressed buffers (`tokens/{source}/part-i.arrow`, same columns and types
 as a parquet table would have): an intermediate read once by `shuffle`, which then costs a decompression
-instead of parquet's per-value list decoding (about 4x faster to read and to write).
+instead of parquet's per-value list decoding (3-4x faster to read and to write).
 """
 
 from __future__ import annotations
