@@ -195,21 +195,14 @@ class UnitLog:
         self.skipped += 1
         return rec
 
-    def record(self, unit: str, inputs_fp: Any, outputs: list[str | os.PathLike], **counts: Any) -> dict:
-        """Append the record of a finished unit (its outputs already renamed into place)."""
-        outs = {}
-        for p in outputs:
-            p = Path(p)
-            outs[str(p.relative_to(self.dir))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        return self.append({"unit": unit, "config_hash": self.config_hash, "inputs": inputs_fp, "outputs": outs,
-                            **counts})
-
-    def append(self, rec: dict) -> dict:
-        """Durably append one unit's record (one fsynced JSON line) and remember it."""
+    def append(self, rec: dict, sync: bool = True) -> dict:
+        """Append one unit's record (one JSON line, fsynced unless `sync=False`: a lost line only redoes its
+        unit, which stages with many cheap units accept) and remember it."""
         with open(self.path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         self.records[rec["unit"]] = rec
         return rec
 

@@ -506,11 +506,8 @@ def shard_split(cfg: PrepConfig, split: str, smn: dict, log: UnitLog, out: Path,
         while inflight and (block or not isinstance(inflight[0][3], Future) or inflight[0][3].done()):
             name, unit, n_rows, job = inflight.popleft()
             if isinstance(job, Future):
-                rec = {"unit": unit, "config_hash": log.config_hash, "inputs": fp,
-                       "outputs": {unit: job.result()}, "rows": n_rows}
-                with open(log.path, "a") as f:
-                    f.write(json.dumps(rec, sort_keys=True) + "\n")
-                log.records[unit] = rec
+                rec = log.append({"unit": unit, "config_hash": log.config_hash, "inputs": fp,
+                                  "outputs": {unit: job.result()}, "rows": n_rows}, sync=False)
             else:
                 rec = job
             dig = rec["outputs"][unit]

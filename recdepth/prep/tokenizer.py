@@ -8,7 +8,6 @@ every character; the dropped-character rate and a round-trip check are recorded 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -227,10 +226,7 @@ def run_tokenizer(cfg: PrepConfig) -> dict:
             stats = {"sample_docs": len(texts), **roundtrip_stats(tok, texts)}
             outs = write_tokenizer_files(tok, out, ids)
         rec = {"outputs": digests(out, outs), "ids": ids, "vocab_size": tc.vocab_size, **stats}
-        line = {"unit": "tokenizer", "config_hash": log.config_hash, "inputs": inputs, **rec}
-        with open(log.path, "a") as f:
-            f.write(json.dumps(line, sort_keys=True) + "\n")
-        rec = line
+        rec = log.append({"unit": "tokenizer", "config_hash": log.config_hash, "inputs": inputs, **rec})
     totals = {k: rec[k] for k in ("vocab_size", "ids") if k in rec}
     totals.update({k: rec[k] for k in ("sample_docs", "roundtrip_docs", "roundtrip_checked", "dropped_char_rate")
                    if k in rec})
